@@ -1,0 +1,153 @@
+//! Reading a client's request body completely before any FPM connection is taken: in memory
+//! up to `limits.body_buffer`, then in an anonymous temporary file, never past `max_body`.
+//!
+//! PHP-FPM needs CONTENT_LENGTH up front and gives a connection 5 seconds to send its first
+//! record; a slow client streaming straight into FPM would pin a PHP worker for as long as it
+//! likes. Buffering here means only the proxy waits for slow clients.
+
+use std::io::{Seek, SeekFrom, Write};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http_body_util::BodyExt;
+
+use crate::error::ProxyError;
+
+/// A fully received request body.
+#[derive(Debug)]
+pub enum RequestBody {
+    /// No body bytes.
+    Empty,
+    /// The whole body in memory.
+    Memory(Bytes),
+    /// A body larger than `body_buffer`, spooled to an unlinked temporary file.
+    File {
+        /// The file, positioned anywhere: readers seek first.
+        file: std::fs::File,
+        /// Its length in bytes.
+        len: u64,
+    },
+}
+
+impl RequestBody {
+    /// Body length in bytes.
+    pub fn len(&self) -> u64 {
+        match self {
+            RequestBody::Empty => 0,
+            RequestBody::Memory(b) => b.len() as u64,
+            RequestBody::File { len, .. } => *len,
+        }
+    }
+
+    /// True when there are no body bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// A fresh reader over a spooled body, from its start (for each FastCGI attempt).
+    pub fn reopen_file(&self) -> Option<std::io::Result<std::fs::File>> {
+        match self {
+            RequestBody::File { file, .. } => Some(file.try_clone().and_then(|mut f| {
+                f.seek(SeekFrom::Start(0))?;
+                Ok(f)
+            })),
+            _ => None,
+        }
+    }
+}
+
+/// Limits applied while reading.
+#[derive(Debug, Clone, Copy)]
+pub struct BodyLimits {
+    /// Larger bodies are refused with 413.
+    pub max_body: u64,
+    /// Bodies past this go to a temporary file.
+    pub body_buffer: usize,
+    /// Longest pause between two body frames.
+    pub body_timeout: Duration,
+}
+
+/// Reads the whole body. `declared` is the Content-Length header, if any: a declared length
+/// over `max_body` is refused before a byte is read.
+pub async fn read_body<B>(
+    mut body: B,
+    declared: Option<u64>,
+    limits: BodyLimits,
+) -> Result<RequestBody, ProxyError>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
+    if declared.is_some_and(|n| n > limits.max_body) {
+        return Err(ProxyError::BodyTooLarge);
+    }
+    if declared == Some(0) || body.is_end_stream() {
+        return Ok(RequestBody::Empty);
+    }
+    let mut first: Option<Bytes> = None;
+    let mut mem = BytesMut::new();
+    let mut file: Option<std::fs::File> = None;
+    let mut total: u64 = 0;
+    loop {
+        let frame = match tokio::time::timeout(limits.body_timeout, body.frame()).await {
+            Err(_) => return Err(ProxyError::BodyTimeout),
+            Ok(None) => break,
+            Ok(Some(Err(e))) => return Err(ProxyError::BodyRead(e.to_string())),
+            Ok(Some(Ok(frame))) => frame,
+        };
+        let Ok(data) = frame.into_data() else {
+            continue;
+        }; // trailers are not forwarded
+        if data.is_empty() {
+            continue;
+        }
+        total += data.len() as u64;
+        if total > limits.max_body {
+            return Err(ProxyError::BodyTooLarge);
+        }
+        if let Some(f) = file.as_mut() {
+            write_blocking(f, &data)?;
+            continue;
+        }
+        // Keep a single-frame body as is (no copy): the common small POST.
+        if first.is_none() && mem.is_empty() {
+            first = Some(data);
+            continue;
+        }
+        if let Some(f) = first.take() {
+            mem.extend_from_slice(&f);
+        }
+        mem.extend_from_slice(&data);
+        if mem.len() > limits.body_buffer {
+            let mut f = tempfile::tempfile().map_err(ProxyError::BodySpool)?;
+            write_blocking(&mut f, &mem)?;
+            mem = BytesMut::new();
+            file = Some(f);
+        }
+    }
+    if let Some(f) = file {
+        return Ok(RequestBody::File {
+            file: f,
+            len: total,
+        });
+    }
+    if let Some(f) = first {
+        if f.len() as u64 > limits.body_buffer as u64 {
+            let mut file = tempfile::tempfile().map_err(ProxyError::BodySpool)?;
+            write_blocking(&mut file, &f)?;
+            return Ok(RequestBody::File { file, len: total });
+        }
+        return Ok(RequestBody::Memory(f));
+    }
+    Ok(if mem.is_empty() {
+        RequestBody::Empty
+    } else {
+        RequestBody::Memory(mem.freeze())
+    })
+}
+
+/// Writes to the spool file. These are page-cache writes of at most one frame (or one
+/// `body_buffer`), short enough to do inline rather than hop to a blocking thread per frame.
+fn write_blocking(f: &mut std::fs::File, data: &[u8]) -> Result<(), ProxyError> {
+    f.write_all(data).map_err(ProxyError::BodySpool)
+}

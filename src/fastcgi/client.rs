@@ -1,0 +1,402 @@
+//! One FastCGI request over one connection: send the pre-encoded BEGIN_REQUEST + PARAMS (+
+//! STDIN), read until the CGI response head is complete, then stream the rest of STDOUT as
+//! an HTTP body until END_REQUEST, when the connection goes back to its endpoint's idle list.
+//!
+//! PHP-FPM never multiplexes, so the request id is always 1. A response truncated before
+//! END_REQUEST is an error, never a short success.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use http_body::Frame;
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::time::{Instant, Sleep};
+
+use super::cgi::{CgiError, CgiHead, HeadParser};
+use super::codec::{self, ProtocolStatus, RecordType};
+use crate::error::ProxyError;
+use crate::pool::Conn;
+
+/// The request id of every request: FPM does not multiplex.
+pub const REQUEST_ID: u16 = 1;
+
+/// Requests whose encoded form is at most this size are written before reading: they fit in
+/// the socket buffer, so FPM cannot deadlock us by answering before reading its STDIN.
+const SEQUENTIAL_WRITE_MAX: usize = 64 * 1024;
+
+/// What goes to FPM: the encoded records, and a spooled body to stream after them.
+pub struct Outgoing<'a> {
+    /// BEGIN_REQUEST, PARAMS, and (for in-memory bodies) every STDIN record with the empty
+    /// terminator.
+    pub wire: &'a [u8],
+    /// A spooled body whose STDIN records (and terminator) are written after `wire`.
+    pub file: Option<(std::fs::File, u64)>,
+}
+
+/// A failed exchange, with what the retry rule needs to know.
+#[derive(Debug)]
+pub struct Failure {
+    /// The error for the client.
+    pub error: ProxyError,
+    /// FPM sent at least one byte: the script may have run and output.
+    pub any_byte: bool,
+    /// The failure was EOF or reset (as opposed to garbage or a timeout).
+    pub closed: bool,
+}
+
+/// Per-request context for FPM's stderr lines.
+#[derive(Debug, Clone, Copy)]
+pub struct LogCtx<'a> {
+    /// The request id shown in logs.
+    pub request_id: u64,
+    /// The endpoint label.
+    pub endpoint: &'a str,
+}
+
+fn closed(e: io::Error, any_byte: bool) -> Failure {
+    Failure {
+        error: ProxyError::UpstreamReset(e.to_string()),
+        any_byte,
+        closed: true,
+    }
+}
+
+fn protocol(msg: String, any_byte: bool) -> Failure {
+    Failure {
+        error: ProxyError::UpstreamProtocol(msg),
+        any_byte,
+        closed: false,
+    }
+}
+
+/// Sends the request and reads the response head. On success returns the head and the body
+/// bytes that followed it; the connection's buffer holds whatever came after.
+pub async fn send(
+    conn: &mut Conn,
+    out: Outgoing<'_>,
+    read_timeout: Duration,
+    send_timeout: Duration,
+    max_header: usize,
+    log: LogCtx<'_>,
+) -> Result<(CgiHead, Bytes, bool), Failure> {
+    if out.file.is_none() && out.wire.len() <= SEQUENTIAL_WRITE_MAX {
+        match tokio::time::timeout(send_timeout, conn.stream.write_all(out.wire)).await {
+            Err(_) => {
+                return Err(Failure {
+                    error: ProxyError::SendTimeout,
+                    any_byte: false,
+                    closed: false,
+                })
+            }
+            Ok(Err(e)) => return Err(closed(e, false)),
+            Ok(Ok(())) => {}
+        }
+        return read_head(conn, read_timeout, max_header, log).await;
+    }
+    // Large bodies: write and read at the same time, so a script that answers before it has
+    // read all of its input cannot deadlock against us.
+    let Conn { stream, buf, .. } = conn;
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let write = async {
+        tokio::time::timeout(send_timeout, wr.write_all(out.wire))
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "send timeout"))??;
+        if let Some((file, len)) = out.file {
+            write_file(&mut wr, file, len, send_timeout).await?;
+        }
+        Ok::<(), io::Error>(())
+    };
+    let read = read_head_from(&mut rd, buf, read_timeout, max_header, log);
+    let (w, r) = tokio::join!(write, read);
+    match (w, r) {
+        (_, Err(f)) => Err(f),
+        (Err(e), Ok(_)) if e.kind() == io::ErrorKind::TimedOut => Err(Failure {
+            error: ProxyError::SendTimeout,
+            any_byte: true,
+            closed: false,
+        }),
+        // FPM answered without reading all of its input: the response is fine, the
+        // connection is not (STDIN records may still be in flight), so it must not be reused.
+        (Err(_), Ok((head, rest, _))) => Ok((head, rest, false)),
+        (Ok(()), Ok(v)) => Ok(v),
+    }
+}
+
+async fn write_file<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    file: std::fs::File,
+    len: u64,
+    send_timeout: Duration,
+) -> io::Result<()> {
+    let mut file = tokio::fs::File::from_std(file);
+    let mut remaining = len;
+    let mut chunk = vec![0u8; codec::MAX_CONTENT_LEN];
+    while remaining > 0 {
+        let want = remaining.min(codec::MAX_CONTENT_LEN as u64) as usize;
+        file.read_exact(&mut chunk[..want]).await?;
+        let header = codec::record_header(RecordType::Stdin, REQUEST_ID, want as u16, 0);
+        let mut both = Buf::chain(&header[..], &chunk[..want]);
+        tokio::time::timeout(send_timeout, wr.write_all_buf(&mut both))
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "send timeout"))??;
+        remaining -= want as u64;
+    }
+    let end = codec::record_header(RecordType::Stdin, REQUEST_ID, 0, 0);
+    tokio::time::timeout(send_timeout, wr.write_all(&end))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "send timeout"))??;
+    wr.flush().await
+}
+
+async fn read_head(
+    conn: &mut Conn,
+    read_timeout: Duration,
+    max_header: usize,
+    log: LogCtx<'_>,
+) -> Result<(CgiHead, Bytes, bool), Failure> {
+    let Conn { stream, buf, .. } = conn;
+    read_head_from(stream, buf, read_timeout, max_header, log).await
+}
+
+/// Reads records until the CGI head is complete. Returns (head, body bytes after it,
+/// write_ok=true).
+async fn read_head_from<R: tokio::io::AsyncRead + Unpin>(
+    rd: &mut R,
+    buf: &mut BytesMut,
+    read_timeout: Duration,
+    max_header: usize,
+    log: LogCtx<'_>,
+) -> Result<(CgiHead, Bytes, bool), Failure> {
+    let mut parser = HeadParser::new(max_header);
+    let mut any_byte = false;
+    loop {
+        match codec::decode_record(buf) {
+            Err(e) => return Err(protocol(e.to_string(), true)),
+            Ok(Some(rec)) => match rec.kind {
+                RecordType::Stdout => match parser.push(rec.content) {
+                    Ok(Some((head, rest))) => return Ok((head, rest, true)),
+                    Ok(None) => {}
+                    Err(CgiError::TooLarge) => {
+                        return Err(Failure {
+                            error: ProxyError::HeaderTooBig,
+                            any_byte: true,
+                            closed: false,
+                        })
+                    }
+                    Err(e) => return Err(protocol(e.to_string(), true)),
+                },
+                RecordType::Stderr => log_stderr(&rec.content, log),
+                RecordType::EndRequest => {
+                    let end = codec::parse_end_request(&rec.content)
+                        .map_err(|e| protocol(e.to_string(), true))?;
+                    return Err(match end.protocol_status {
+                        ProtocolStatus::Overloaded => Failure {
+                            error: ProxyError::UpstreamRefused("FCGI_OVERLOADED"),
+                            any_byte: true,
+                            closed: false,
+                        },
+                        ProtocolStatus::CantMpxConn => Failure {
+                            error: ProxyError::UpstreamRefused("FCGI_CANT_MPX_CONN"),
+                            any_byte: true,
+                            closed: false,
+                        },
+                        _ => protocol("END_REQUEST before a complete response head".into(), true),
+                    });
+                }
+                other => {
+                    return Err(protocol(
+                        format!("unexpected record type {}", other.as_u8()),
+                        true,
+                    ))
+                }
+            },
+            Ok(None) => {
+                if buf.capacity() - buf.len() < 4096 {
+                    buf.reserve(16 * 1024);
+                }
+                match tokio::time::timeout(read_timeout, rd.read_buf(buf)).await {
+                    Err(_) => {
+                        return Err(Failure {
+                            error: ProxyError::ReadTimeout,
+                            any_byte,
+                            closed: false,
+                        })
+                    }
+                    Ok(Err(e)) => return Err(closed(e, any_byte)),
+                    Ok(Ok(0)) => {
+                        return Err(closed(
+                            io::Error::new(
+                                io::ErrorKind::UnexpectedEof,
+                                "FPM closed the connection",
+                            ),
+                            any_byte,
+                        ))
+                    }
+                    Ok(Ok(_)) => any_byte = true,
+                }
+            }
+        }
+    }
+}
+
+/// Logs FPM's stderr (PHP warnings and notices when `catch_workers_output` is off, or
+/// whatever the script wrote to php://stderr) at warn, one event per line.
+pub fn log_stderr(content: &[u8], log: LogCtx<'_>) {
+    for line in content.split(|b| *b == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.is_empty() {
+            continue;
+        }
+        tracing::warn!(
+            target: "fpmgate::fpm_stderr",
+            request_id = log.request_id,
+            endpoint = log.endpoint,
+            "{}",
+            String::from_utf8_lossy(line)
+        );
+    }
+}
+
+/// The rest of FPM's STDOUT as an HTTP body. Owns the connection until END_REQUEST; on a
+/// clean end the connection goes back to the idle list, on anything else it is closed.
+pub struct FcgiBody {
+    conn: Option<Conn>,
+    pending: Option<Bytes>,
+    reusable: bool,
+    read_timeout: Duration,
+    last_progress: Instant,
+    sleep: Option<Pin<Box<Sleep>>>,
+    request_id: u64,
+    /// Dropped when the body ends or is dropped: holds the pool place and the metrics guard.
+    _guards: Box<dyn Send + Sync>,
+}
+
+impl FcgiBody {
+    /// Wraps a connection whose response head has been read.
+    pub fn new(
+        conn: Conn,
+        first: Bytes,
+        reusable: bool,
+        read_timeout: Duration,
+        request_id: u64,
+        guards: Box<dyn Send + Sync>,
+    ) -> FcgiBody {
+        FcgiBody {
+            conn: Some(conn),
+            pending: (!first.is_empty()).then_some(first),
+            reusable,
+            read_timeout,
+            last_progress: Instant::now(),
+            sleep: None,
+            request_id,
+            _guards: guards,
+        }
+    }
+
+    fn fail(&mut self, msg: impl Into<String>) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        let msg = msg.into();
+        if let Some(conn) = self.conn.take() {
+            tracing::warn!(request_id = self.request_id, endpoint = %conn.endpoint().label, "response aborted: {msg}");
+        }
+        Poll::Ready(Some(Err(io::Error::other(msg))))
+    }
+}
+
+impl http_body::Body for FcgiBody {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        let this = &mut *self;
+        if let Some(b) = this.pending.take() {
+            return Poll::Ready(Some(Ok(Frame::data(b))));
+        }
+        loop {
+            let Some(conn) = this.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
+            match codec::decode_record(&mut conn.buf) {
+                Err(e) => return this.fail(format!("malformed FastCGI record: {e}")),
+                Ok(Some(rec)) => match rec.kind {
+                    RecordType::Stdout => {
+                        if !rec.content.is_empty() {
+                            return Poll::Ready(Some(Ok(Frame::data(rec.content))));
+                        }
+                    }
+                    RecordType::Stderr => log_stderr(
+                        &rec.content,
+                        LogCtx {
+                            request_id: this.request_id,
+                            endpoint: &conn.endpoint().label,
+                        },
+                    ),
+                    RecordType::EndRequest => {
+                        let conn = this.conn.take().expect("checked above");
+                        let clean = codec::parse_end_request(&rec.content)
+                            .is_ok_and(|e| e.protocol_status == ProtocolStatus::RequestComplete);
+                        if clean && this.reusable {
+                            conn.release();
+                        }
+                        return Poll::Ready(None);
+                    }
+                    other => {
+                        return this.fail(format!(
+                            "unexpected record type {} in response",
+                            other.as_u8()
+                        ))
+                    }
+                },
+                Ok(None) => {
+                    if conn.buf.capacity() - conn.buf.len() < 4096 {
+                        conn.buf.reserve(16 * 1024);
+                    }
+                    match tokio_util::io::poll_read_buf(
+                        Pin::new(&mut conn.stream),
+                        cx,
+                        &mut conn.buf,
+                    ) {
+                        Poll::Ready(Ok(0)) => {
+                            return this.fail("FPM closed the connection before END_REQUEST")
+                        }
+                        Poll::Ready(Ok(_)) => {
+                            conn.stream.rearm_quickack();
+                            this.last_progress = Instant::now();
+                        }
+                        Poll::Ready(Err(e)) => {
+                            return this.fail(format!("read from FPM failed: {e}"))
+                        }
+                        Poll::Pending => {
+                            // The read timer is re-armed lazily: only when it fires do we check
+                            // whether progress happened since it was set.
+                            let deadline = this.last_progress + this.read_timeout;
+                            let sleep = this.sleep.get_or_insert_with(|| {
+                                Box::pin(tokio::time::sleep_until(deadline))
+                            });
+                            if sleep.deadline() != deadline {
+                                sleep.as_mut().reset(deadline);
+                            }
+                            return match sleep.as_mut().poll(cx) {
+                                Poll::Ready(()) => {
+                                    this.fail("FPM went silent past the read timeout")
+                                }
+                                Poll::Pending => Poll::Pending,
+                            };
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.conn.is_none() && self.pending.is_none()
+    }
+}
+
+use std::future::Future;

@@ -1,0 +1,25 @@
+//! fpmgate: a load-balancing FastCGI edge proxy for PHP-FPM fleets.
+//!
+//! Data flows one way: listener → proxy → router → mapping → pool → fastcgi → response.
+//! Config flows the other: file → schema → compile → runtime → arc-swap store.
+
+#![forbid(unsafe_code)]
+#![deny(clippy::await_holding_lock)]
+
+pub mod admin;
+pub mod app;
+pub mod body;
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod fastcgi;
+pub mod listener;
+pub mod mapping;
+pub mod metrics;
+pub mod pool;
+pub mod proxy;
+pub mod respbody;
+pub mod router;
+pub mod runtime;
+pub mod static_files;
+pub mod telemetry;

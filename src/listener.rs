@@ -1,0 +1,138 @@
+//! Client listeners: bind, accept under `max_connections`, and serve each connection with
+//! hyper-util's auto builder (HTTP/1.1, and HTTP/2 with prior knowledge on plaintext).
+//!
+//! Every connection task watches the shutdown token: on shutdown HTTP/1 connections close
+//! after their current response and HTTP/2 connections send GOAWAY.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Limits;
+use crate::metrics::Metrics;
+use crate::proxy::{ConnInfo, Proxy};
+
+/// Binds a listening socket with `SO_REUSEADDR` and a deep backlog.
+pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let domain = if addr.is_ipv6() {
+        socket2::Domain::IPV6
+    } else {
+        socket2::Domain::IPV4
+    };
+    let socket = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(4096)?;
+    TcpListener::from_std(socket.into())
+}
+
+/// Builds the HTTP server settings for one connection from the current limits.
+pub fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    // hyper needs a timer or header_read_timeout never fires (slowloris). Its header timer
+    // also bounds the idle wait between kept-alive requests.
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .max_buf_size(limits.max_header_bytes.max(8192))
+        .title_case_headers(true)
+        .keep_alive(true);
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        .initial_stream_window_size(1 << 20)
+        .initial_connection_window_size(4 << 20)
+        .max_concurrent_streams(128)
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(20));
+    b
+}
+
+/// Everything an accept loop needs.
+#[derive(Clone)]
+pub struct Serve {
+    /// The request handler.
+    pub proxy: Arc<Proxy>,
+    /// Metrics, for the connection gauge.
+    pub metrics: Arc<Metrics>,
+    /// Shared across listeners: `limits.max_connections`.
+    pub conn_limit: Arc<Semaphore>,
+    /// Cancelled on shutdown.
+    pub shutdown: CancellationToken,
+    /// Tracks connection tasks for the drain.
+    pub tracker: TaskTracker,
+}
+
+/// Accepts until shutdown. Waiting for a connection permit before accepting leaves excess
+/// clients in the kernel backlog instead of accepting and dropping them.
+pub async fn accept_loop(listener: TcpListener, kind: &'static str, s: Serve) {
+    let local = listener.local_addr().ok();
+    loop {
+        let permit = tokio::select! {
+            _ = s.shutdown.cancelled() => return,
+            p = s.conn_limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+        };
+        let (stream, remote) = tokio::select! {
+            _ = s.shutdown.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(v) => v,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(listener = kind, "accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let info = Arc::new(ConnInfo {
+            remote,
+            local: stream.local_addr().ok().or(local).unwrap_or(remote),
+            tls: None,
+        });
+        let s2 = s.clone();
+        s.tracker.spawn(async move {
+            let gauge = s2.metrics.client_connections.with_label_values(&[kind]);
+            gauge.inc();
+            serve_connection(TokioIo::new(stream), info, &s2).await;
+            gauge.dec();
+            drop(permit);
+        });
+    }
+}
+
+/// Serves one accepted connection (plain or already TLS-terminated) to its end.
+pub async fn serve_connection<I>(io: I, info: Arc<ConnInfo>, s: &Serve)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let builder = http_builder(s.proxy.shared.load().limits());
+    let proxy = s.proxy.clone();
+    let service = service_fn(move |req| proxy.clone().handle(req, info.clone()));
+    let conn = builder.serve_connection(io, service);
+    tokio::pin!(conn);
+    tokio::select! {
+        res = conn.as_mut() => {
+            if let Err(e) = res {
+                tracing::debug!("client connection ended: {e}");
+            }
+        }
+        _ = s.shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
+}

@@ -1,0 +1,437 @@
+//! Every Prometheus family fpmgate exports, registered once in [`Metrics::new`] on a registry
+//! of our own (never the global default), with their `fpmgate_` names written only here.
+//!
+//! Components never format metric names: they get label-bound handles ([`PoolMetrics`],
+//! [`EndpointMetrics`]) made when a runtime is built, so the request path only touches
+//! atomics, except for the families labelled by status code.
+
+use prometheus::{
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// Latency buckets: OpenTelemetry's HTTP boundaries extended to 60 s, since PHP requests
+/// (reports, imports) are often slow on purpose.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 30.0, 60.0,
+];
+
+/// The registry and every metric family.
+pub struct Metrics {
+    registry: Registry,
+    /// Client requests by vhost, pool and exact status code.
+    pub http_requests: IntCounterVec,
+    /// Client request duration, head received to last body byte sent.
+    pub http_duration: HistogramVec,
+    /// Client connections currently open, by listener kind.
+    pub client_connections: IntGaugeVec,
+    /// FastCGI requests by endpoint and status FPM returned.
+    pub upstream_requests: IntCounterVec,
+    /// Time from sending the request to the end of FPM's response head.
+    pub upstream_header_duration: HistogramVec,
+    /// Upstream failures by kind.
+    pub upstream_errors: IntCounterVec,
+    /// Retries on another connection or endpoint.
+    pub upstream_retries: IntCounterVec,
+    /// 502/503/504 answers by cause.
+    pub gateway_errors: IntCounterVec,
+    /// Requests admitted to a pool and not finished.
+    pub pool_inflight: IntGaugeVec,
+    /// Sum of max_conns over the pool's healthy endpoints.
+    pub pool_capacity: IntGaugeVec,
+    /// Requests waiting in the pool's queue.
+    pub pool_queue_depth: IntGaugeVec,
+    /// Time requests waited in the queue.
+    pub pool_queue_wait: HistogramVec,
+    /// 1 when the endpoint takes traffic.
+    pub endpoint_up: IntGaugeVec,
+    /// Requests holding a connection to the endpoint.
+    pub endpoint_inflight: IntGaugeVec,
+    /// The endpoint's max_conns.
+    pub endpoint_max_conns: IntGaugeVec,
+    /// Open FastCGI connections by state (active, idle).
+    pub upstream_connections: IntGaugeVec,
+    /// Kept-alive connections reused for another request.
+    pub upstream_reuses: IntCounterVec,
+    /// New FastCGI connections opened.
+    pub upstream_connects: IntCounterVec,
+    /// Active health checks by result.
+    pub health_checks: IntCounterVec,
+    /// Config reloads by result.
+    pub config_reloads: IntCounterVec,
+    /// Unix time of the last successful (re)load.
+    pub config_last_success: Gauge,
+    /// 1 if the last reload attempt succeeded.
+    pub config_last_successful: IntGauge,
+    /// Current config generation.
+    pub config_generation: IntGauge,
+    /// FPM status page figures, by pool and endpoint.
+    pub fpm: FpmMetrics,
+}
+
+/// The PHP-FPM status-page gauges.
+pub struct FpmMetrics {
+    /// `active processes`.
+    pub active_processes: IntGaugeVec,
+    /// `idle processes`.
+    pub idle_processes: IntGaugeVec,
+    /// `total processes`.
+    pub total_processes: IntGaugeVec,
+    /// `listen queue`.
+    pub listen_queue: IntGaugeVec,
+    /// `max listen queue`.
+    pub max_listen_queue: IntGaugeVec,
+    /// `max children reached` (a counter in FPM, exported as FPM reports it).
+    pub max_children_reached: IntGaugeVec,
+    /// `slow requests`.
+    pub slow_requests: IntGaugeVec,
+    /// `accepted conn`.
+    pub accepted_connections: IntGaugeVec,
+}
+
+fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid counter");
+    r.register(Box::new(c.clone())).expect("unique counter");
+    c
+}
+
+fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid gauge");
+    r.register(Box::new(g.clone())).expect("unique gauge");
+    g
+}
+
+fn histogram(r: &Registry, name: &str, help: &str, labels: &[&str]) -> HistogramVec {
+    let h = HistogramVec::new(
+        HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()),
+        labels,
+    )
+    .expect("valid histogram");
+    r.register(Box::new(h.clone())).expect("unique histogram");
+    h
+}
+
+impl Metrics {
+    /// Registers every family. Called once per process.
+    pub fn new() -> Metrics {
+        let r = Registry::new();
+        let pe = &["pool", "endpoint"];
+        let fpm = FpmMetrics {
+            active_processes: gauge(
+                &r,
+                "fpmgate_fpm_active_processes",
+                "PHP-FPM active processes, from its status page.",
+                pe,
+            ),
+            idle_processes: gauge(
+                &r,
+                "fpmgate_fpm_idle_processes",
+                "PHP-FPM idle processes, from its status page.",
+                pe,
+            ),
+            total_processes: gauge(
+                &r,
+                "fpmgate_fpm_total_processes",
+                "PHP-FPM total processes, from its status page.",
+                pe,
+            ),
+            listen_queue: gauge(
+                &r,
+                "fpmgate_fpm_listen_queue",
+                "Connections waiting in PHP-FPM's listen backlog.",
+                pe,
+            ),
+            max_listen_queue: gauge(
+                &r,
+                "fpmgate_fpm_max_listen_queue",
+                "PHP-FPM's highest listen queue since it started.",
+                pe,
+            ),
+            max_children_reached: gauge(
+                &r,
+                "fpmgate_fpm_max_children_reached",
+                "Times PHP-FPM hit pm.max_children since it started.",
+                pe,
+            ),
+            slow_requests: gauge(
+                &r,
+                "fpmgate_fpm_slow_requests",
+                "PHP-FPM slow requests since it started.",
+                pe,
+            ),
+            accepted_connections: gauge(
+                &r,
+                "fpmgate_fpm_accepted_connections",
+                "Connections PHP-FPM accepted since it started.",
+                pe,
+            ),
+        };
+        let config_last_success = Gauge::new(
+            "fpmgate_config_last_reload_success_timestamp_seconds",
+            "Unix time of the last successful config load.",
+        )
+        .expect("valid gauge");
+        r.register(Box::new(config_last_success.clone()))
+            .expect("unique");
+        let config_last_successful = IntGauge::new(
+            "fpmgate_config_last_reload_successful",
+            "1 if the last config reload attempt succeeded.",
+        )
+        .expect("valid gauge");
+        r.register(Box::new(config_last_successful.clone()))
+            .expect("unique");
+        let config_generation = IntGauge::new(
+            "fpmgate_config_generation",
+            "Generation number of the running config (1 at start, +1 per applied reload).",
+        )
+        .expect("valid gauge");
+        r.register(Box::new(config_generation.clone()))
+            .expect("unique");
+        let build = gauge(
+            &r,
+            "fpmgate_build_info",
+            "Build information; always 1.",
+            &["version"],
+        );
+        build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+
+        Metrics {
+            http_requests: counter(
+                &r,
+                "fpmgate_http_requests_total",
+                "Client HTTP requests by vhost, pool and status code.",
+                &["vhost", "pool", "code"],
+            ),
+            http_duration: histogram(
+                &r,
+                "fpmgate_http_request_duration_seconds",
+                "Client request duration, head received to response end.",
+                &["vhost", "pool"],
+            ),
+            client_connections: gauge(
+                &r,
+                "fpmgate_client_connections",
+                "Open client connections by listener kind.",
+                &["listener"],
+            ),
+            upstream_requests: counter(
+                &r,
+                "fpmgate_upstream_requests_total",
+                "FastCGI requests by endpoint and the status FPM returned.",
+                &["pool", "endpoint", "code"],
+            ),
+            upstream_header_duration: histogram(
+                &r,
+                "fpmgate_upstream_header_duration_seconds",
+                "Time from sending a FastCGI request to the end of FPM's response head.",
+                pe,
+            ),
+            upstream_errors: counter(
+                &r,
+                "fpmgate_upstream_errors_total",
+                "FastCGI failures by endpoint and kind.",
+                &["pool", "endpoint", "kind"],
+            ),
+            upstream_retries: counter(
+                &r,
+                "fpmgate_upstream_retries_total",
+                "Requests retried on another connection or endpoint.",
+                &["pool"],
+            ),
+            gateway_errors: counter(
+                &r,
+                "fpmgate_gateway_errors_total",
+                "502, 503 and 504 answers by cause.",
+                &["vhost", "pool", "code", "cause"],
+            ),
+            pool_inflight: gauge(
+                &r,
+                "fpmgate_pool_inflight_requests",
+                "Requests admitted to the pool and not finished.",
+                &["pool"],
+            ),
+            pool_capacity: gauge(
+                &r,
+                "fpmgate_pool_capacity",
+                "Sum of max_conns over the pool's healthy endpoints.",
+                &["pool"],
+            ),
+            pool_queue_depth: gauge(
+                &r,
+                "fpmgate_pool_queue_depth",
+                "Requests waiting for an FPM connection.",
+                &["pool"],
+            ),
+            pool_queue_wait: histogram(
+                &r,
+                "fpmgate_pool_queue_wait_seconds",
+                "Time requests waited in the pool queue.",
+                &["pool"],
+            ),
+            endpoint_up: gauge(
+                &r,
+                "fpmgate_endpoint_up",
+                "1 when the endpoint takes traffic, 0 when down, ejected or draining.",
+                pe,
+            ),
+            endpoint_inflight: gauge(
+                &r,
+                "fpmgate_endpoint_inflight_requests",
+                "Requests holding a connection to the endpoint.",
+                pe,
+            ),
+            endpoint_max_conns: gauge(
+                &r,
+                "fpmgate_endpoint_max_conns",
+                "The endpoint's configured max_conns.",
+                pe,
+            ),
+            upstream_connections: gauge(
+                &r,
+                "fpmgate_upstream_connections",
+                "Open FastCGI connections by state.",
+                &["pool", "endpoint", "state"],
+            ),
+            upstream_reuses: counter(
+                &r,
+                "fpmgate_upstream_connection_reuses_total",
+                "Kept-alive FastCGI connections reused.",
+                pe,
+            ),
+            upstream_connects: counter(
+                &r,
+                "fpmgate_upstream_connects_total",
+                "New FastCGI connections opened.",
+                pe,
+            ),
+            health_checks: counter(
+                &r,
+                "fpmgate_health_checks_total",
+                "Active health checks by result.",
+                &["pool", "endpoint", "result"],
+            ),
+            config_reloads: counter(
+                &r,
+                "fpmgate_config_reloads_total",
+                "Config reloads by result.",
+                &["result"],
+            ),
+            config_last_success,
+            config_last_successful,
+            config_generation,
+            fpm,
+            registry: r,
+        }
+    }
+
+    /// The text exposition of every family.
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(16 * 1024);
+        let families = self.registry.gather();
+        // Encoding into a Vec cannot fail for well-formed families.
+        let _ = TextEncoder::new().encode(&families, &mut out);
+        out
+    }
+
+    /// Handles bound to one pool's labels.
+    pub fn pool(&self, pool: &str) -> PoolMetrics {
+        PoolMetrics {
+            inflight: self.pool_inflight.with_label_values(&[pool]),
+            capacity: self.pool_capacity.with_label_values(&[pool]),
+            queue_depth: self.pool_queue_depth.with_label_values(&[pool]),
+            queue_wait: self.pool_queue_wait.with_label_values(&[pool]),
+            retries: self.upstream_retries.with_label_values(&[pool]),
+        }
+    }
+
+    /// Handles bound to one endpoint's labels.
+    pub fn endpoint(&self, pool: &str, endpoint: &str) -> EndpointMetrics {
+        let l = &[pool, endpoint];
+        EndpointMetrics {
+            up: self.endpoint_up.with_label_values(l),
+            inflight: self.endpoint_inflight.with_label_values(l),
+            max_conns: self.endpoint_max_conns.with_label_values(l),
+            active: self
+                .upstream_connections
+                .with_label_values(&[pool, endpoint, "active"]),
+            idle: self
+                .upstream_connections
+                .with_label_values(&[pool, endpoint, "idle"]),
+            reuses: self.upstream_reuses.with_label_values(l),
+            connects: self.upstream_connects.with_label_values(l),
+            header_duration: self.upstream_header_duration.with_label_values(l),
+        }
+    }
+
+    /// Removes every series of an endpoint that left the config, so dashboards do not show
+    /// ghosts.
+    pub fn forget_endpoint(&self, pool: &str, endpoint: &str) {
+        let l = &[pool, endpoint];
+        let _ = self.endpoint_up.remove_label_values(l);
+        let _ = self.endpoint_inflight.remove_label_values(l);
+        let _ = self.endpoint_max_conns.remove_label_values(l);
+        let _ = self.upstream_reuses.remove_label_values(l);
+        let _ = self.upstream_connects.remove_label_values(l);
+        let _ = self.upstream_header_duration.remove_label_values(l);
+        for state in ["active", "idle"] {
+            let _ = self
+                .upstream_connections
+                .remove_label_values(&[pool, endpoint, state]);
+        }
+        let f = &self.fpm;
+        for g in [
+            &f.active_processes,
+            &f.idle_processes,
+            &f.total_processes,
+            &f.listen_queue,
+            &f.max_listen_queue,
+            &f.max_children_reached,
+            &f.slow_requests,
+            &f.accepted_connections,
+        ] {
+            let _ = g.remove_label_values(l);
+        }
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Label-bound handles of one pool.
+#[derive(Clone)]
+pub struct PoolMetrics {
+    /// `fpmgate_pool_inflight_requests`.
+    pub inflight: IntGauge,
+    /// `fpmgate_pool_capacity`.
+    pub capacity: IntGauge,
+    /// `fpmgate_pool_queue_depth`.
+    pub queue_depth: IntGauge,
+    /// `fpmgate_pool_queue_wait_seconds`.
+    pub queue_wait: Histogram,
+    /// `fpmgate_upstream_retries_total`.
+    pub retries: IntCounter,
+}
+
+/// Label-bound handles of one endpoint.
+#[derive(Clone)]
+pub struct EndpointMetrics {
+    /// `fpmgate_endpoint_up`.
+    pub up: IntGauge,
+    /// `fpmgate_endpoint_inflight_requests`.
+    pub inflight: IntGauge,
+    /// `fpmgate_endpoint_max_conns`.
+    pub max_conns: IntGauge,
+    /// `fpmgate_upstream_connections{state="active"}`.
+    pub active: IntGauge,
+    /// `fpmgate_upstream_connections{state="idle"}`.
+    pub idle: IntGauge,
+    /// `fpmgate_upstream_connection_reuses_total`.
+    pub reuses: IntCounter,
+    /// `fpmgate_upstream_connects_total`.
+    pub connects: IntCounter,
+    /// `fpmgate_upstream_header_duration_seconds`.
+    pub header_duration: Histogram,
+}

@@ -1,0 +1,300 @@
+//! One PHP-FPM endpoint: its worker budget (`max_conns`), its kept-alive idle connections,
+//! and its health flags.
+//!
+//! PHP-FPM gives each connection its own worker until the connection closes, so an idle
+//! pooled connection pins a worker exactly like a busy one. The budget therefore counts both:
+//! `busy + idle <= max_conns` always holds, because a new connection is only opened when no
+//! idle one is left.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::time::Instant;
+
+use crate::config::{EndpointAddr, EndpointConfig};
+use crate::fastcgi::conn::{self, Stream, Target};
+use crate::metrics::EndpointMetrics;
+
+/// Read buffer size of a FastCGI connection: one full record plus its header.
+const READ_BUF: usize = 64 * 1024 + 16;
+
+struct Idle {
+    stream: Stream,
+    buf: BytesMut,
+    since: Instant,
+}
+
+/// Settings an endpoint takes from its pool; changing them on reload does not reset state.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnSettings {
+    /// Connect timeout.
+    pub connect_timeout: Duration,
+    /// Idle connections kept at most.
+    pub max_idle: usize,
+    /// Idle connections older than this are closed.
+    pub idle_timeout: Duration,
+}
+
+/// A PHP-FPM endpoint shared by every request (and carried over reloads).
+pub struct Endpoint {
+    /// Where it listens.
+    pub addr: EndpointAddr,
+    /// The metric label and `/status` key (`127.0.0.1:9000`, `unix:/run/php.sock`).
+    pub label: String,
+    /// Stable hash of the label, for consistent hashing.
+    pub id_hash: u64,
+    weight: AtomicU32,
+    max_conns: AtomicUsize,
+    busy: AtomicUsize,
+    idle: Mutex<Vec<Idle>>,
+    settings: Mutex<ConnSettings>,
+    /// Active health-check verdict (true until a check says otherwise).
+    pub up: AtomicBool,
+    /// Set by the admin drain call or when the endpoint left the config.
+    pub draining: AtomicBool,
+    /// Passive ejection: not eligible until this many ms after [`epoch`].
+    pub ejected_until_ms: AtomicU64,
+    /// Handles of its metric series.
+    pub metrics: EndpointMetrics,
+}
+
+/// Process-wide monotonic epoch for the millisecond timestamps kept in atomics.
+pub fn epoch() -> Instant {
+    use std::sync::OnceLock;
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+/// Milliseconds since [`epoch`].
+pub fn now_ms() -> u64 {
+    epoch().elapsed().as_millis() as u64
+}
+
+impl Endpoint {
+    /// A new endpoint with no connections, considered up.
+    pub fn new(cfg: &EndpointConfig, settings: ConnSettings, metrics: EndpointMetrics) -> Endpoint {
+        let label = cfg.addr.to_string();
+        metrics.max_conns.set(cfg.max_conns as i64);
+        metrics.up.set(1);
+        Endpoint {
+            id_hash: crate::pool::balance::hash_bytes(label.as_bytes()),
+            addr: cfg.addr.clone(),
+            label,
+            weight: AtomicU32::new(cfg.weight.max(1)),
+            max_conns: AtomicUsize::new(cfg.max_conns.max(1)),
+            busy: AtomicUsize::new(0),
+            idle: Mutex::new(Vec::new()),
+            settings: Mutex::new(settings),
+            up: AtomicBool::new(true),
+            draining: AtomicBool::new(false),
+            ejected_until_ms: AtomicU64::new(0),
+            metrics,
+        }
+    }
+
+    /// Applies a reloaded config entry for the same address without touching connections.
+    pub fn update(&self, cfg: &EndpointConfig, settings: ConnSettings) {
+        self.weight.store(cfg.weight.max(1), Ordering::Relaxed);
+        self.max_conns
+            .store(cfg.max_conns.max(1), Ordering::Relaxed);
+        self.metrics.max_conns.set(cfg.max_conns as i64);
+        *self.settings.lock().unwrap_or_else(|e| e.into_inner()) = settings;
+        self.draining.store(false, Ordering::Relaxed);
+    }
+
+    /// Relative weight.
+    pub fn weight(&self) -> u32 {
+        self.weight.load(Ordering::Relaxed)
+    }
+
+    /// The worker budget.
+    pub fn max_conns(&self) -> usize {
+        self.max_conns.load(Ordering::Relaxed)
+    }
+
+    /// Requests holding (or opening) a connection right now.
+    pub fn busy(&self) -> usize {
+        self.busy.load(Ordering::Relaxed)
+    }
+
+    /// Idle kept-alive connections.
+    pub fn idle_count(&self) -> usize {
+        self.idle.lock().map(|v| v.len()).unwrap_or(0)
+    }
+
+    /// Whether the endpoint may take new requests at all (health, ejection, drain).
+    pub fn is_available(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+            && !self.draining.load(Ordering::Relaxed)
+            && self.ejected_until_ms.load(Ordering::Relaxed) <= now_ms()
+    }
+
+    /// Reserves one slot of the worker budget; None when the endpoint is full.
+    pub fn try_reserve(self: &Arc<Self>) -> Option<Slot> {
+        let max = self.max_conns();
+        let mut cur = self.busy.load(Ordering::Relaxed);
+        loop {
+            if cur >= max {
+                return None;
+            }
+            match self
+                .busy
+                .compare_exchange_weak(cur, cur + 1, Ordering::AcqRel, Ordering::Relaxed)
+            {
+                Ok(_) => {
+                    self.metrics.inflight.inc();
+                    self.metrics.active.inc();
+                    return Some(Slot {
+                        endpoint: self.clone(),
+                    });
+                }
+                Err(now) => cur = now,
+            }
+        }
+    }
+
+    fn settings(&self) -> ConnSettings {
+        *self.settings.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Turns a slot into a connection: the most recently used idle one that is still alive,
+    /// or a new one.
+    pub async fn connect(&self, slot: Slot) -> Result<Conn, (Slot, std::io::Error)> {
+        let settings = self.settings();
+        loop {
+            let idle = {
+                let mut list = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+                list.pop()
+            };
+            let Some(idle) = idle else { break };
+            self.metrics.idle.dec();
+            if idle.since.elapsed() < settings.idle_timeout && idle.stream.is_reusable() {
+                self.metrics.reuses.inc();
+                return Ok(Conn {
+                    stream: idle.stream,
+                    buf: idle.buf,
+                    reused: true,
+                    slot,
+                });
+            }
+            // Stale (FPM recycled the worker) or past its idle time: drop it and look again.
+        }
+        let target = match &self.addr {
+            EndpointAddr::Tcp(a) => Target::Tcp(*a),
+            EndpointAddr::Unix(p) => Target::Unix(p),
+        };
+        match conn::connect(target, settings.connect_timeout).await {
+            Ok(stream) => {
+                self.metrics.connects.inc();
+                Ok(Conn {
+                    stream,
+                    buf: BytesMut::with_capacity(READ_BUF),
+                    reused: false,
+                    slot,
+                })
+            }
+            Err(e) => Err((slot, e)),
+        }
+    }
+
+    /// Keeps a connection whose FastCGI request ended cleanly, if the idle list has room.
+    fn put_idle(&self, stream: Stream, buf: BytesMut) {
+        let settings = self.settings();
+        if settings.max_idle == 0 || self.draining.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut list = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        if list.len() < settings.max_idle {
+            list.push(Idle {
+                stream,
+                buf,
+                since: Instant::now(),
+            });
+            self.metrics.idle.inc();
+        }
+    }
+
+    /// Closes idle connections past `idle_timeout` (all of them when `all`), so they stop
+    /// pinning FPM workers. Returns how many were closed.
+    pub fn reap_idle(&self, all: bool) -> usize {
+        let timeout = self.settings().idle_timeout;
+        let closed: Vec<Idle> = {
+            let mut list = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+            if all {
+                std::mem::take(&mut *list)
+            } else {
+                // Oldest first: the list is pushed in order of return.
+                let keep_from = list
+                    .iter()
+                    .position(|i| i.since.elapsed() < timeout)
+                    .unwrap_or(list.len());
+                list.drain(..keep_from).collect()
+            }
+        };
+        self.metrics.idle.sub(closed.len() as i64);
+        closed.len()
+    }
+}
+
+/// One reserved unit of an endpoint's worker budget. Dropping it frees the unit.
+pub struct Slot {
+    endpoint: Arc<Endpoint>,
+}
+
+impl Slot {
+    /// The endpoint this slot belongs to.
+    pub fn endpoint(&self) -> &Arc<Endpoint> {
+        &self.endpoint
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.endpoint.busy.fetch_sub(1, Ordering::AcqRel);
+        self.endpoint.metrics.inflight.dec();
+        self.endpoint.metrics.active.dec();
+    }
+}
+
+/// A connection in use by one request. Dropped without [`Conn::release`] it closes, which is
+/// what every error path wants.
+pub struct Conn {
+    /// The socket.
+    pub stream: Stream,
+    /// Its read buffer (kept with the connection between requests).
+    pub buf: BytesMut,
+    /// True when it served an earlier request: a failure before any response byte then means
+    /// FPM recycled the worker and the script did not run.
+    pub reused: bool,
+    slot: Slot,
+}
+
+impl Conn {
+    /// The endpoint.
+    pub fn endpoint(&self) -> &Arc<Endpoint> {
+        &self.slot.endpoint
+    }
+
+    /// Returns the connection to the idle list after a clean END_REQUEST.
+    pub fn release(self) {
+        let Conn {
+            stream,
+            mut buf,
+            slot,
+            ..
+        } = self;
+        if buf.is_empty() {
+            buf.reserve(READ_BUF);
+            slot.endpoint.put_idle(stream, buf);
+        }
+        // Bytes left after END_REQUEST mean FPM sent something we did not ask for: close.
+        drop(slot);
+    }
+}
+
+/// Duration helper for tests and the status page.
+pub fn ms(d: Duration) -> u64 {
+    d.as_millis() as u64
+}

@@ -1,0 +1,264 @@
+//! A balancer pool: its endpoints, admission (a bounded FIFO wait queue in front of the sum
+//! of the endpoints' `max_conns`), and endpoint selection.
+//!
+//! Admission is what keeps PHP-FPM's kernel backlog empty: a request only gets to pick an
+//! endpoint once the pool has a free worker for it, otherwise it waits here, in order, for at
+//! most `queue.timeout`; a full queue answers 503 at once. Every resource is an RAII guard so
+//! a request whose client went away releases its place by being dropped.
+
+pub mod balance;
+pub mod endpoint;
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+use crate::config::{BalancePolicy, PoolConfig};
+use crate::error::ProxyError;
+use crate::metrics::PoolMetrics;
+use balance::{Balancer, Candidate};
+pub use endpoint::{Conn, ConnSettings, Endpoint, Slot};
+
+struct Admission {
+    inflight: usize,
+    capacity: usize,
+    waiters: VecDeque<oneshot::Sender<Admit>>,
+}
+
+/// A pool of PHP-FPM endpoints serving one PHP application/version.
+pub struct Pool {
+    /// The pool's compiled config.
+    pub config: Arc<PoolConfig>,
+    /// Its endpoints, in config order.
+    pub endpoints: Vec<Arc<Endpoint>>,
+    balancer: Balancer,
+    admission: Mutex<Admission>,
+    /// Label-bound metric handles.
+    pub metrics: PoolMetrics,
+}
+
+impl Pool {
+    /// Builds a pool over endpoints made (or carried over) by the runtime.
+    pub fn new(
+        config: Arc<PoolConfig>,
+        endpoints: Vec<Arc<Endpoint>>,
+        metrics: PoolMetrics,
+    ) -> Pool {
+        let balancer = match config.balance {
+            BalancePolicy::RoundRobin => Balancer::round_robin(endpoints.len()),
+            BalancePolicy::LeastConn => Balancer::least_conn(),
+            BalancePolicy::P2c => Balancer::P2c,
+            BalancePolicy::HashClientIp | BalancePolicy::HashCookie(_) => Balancer::Hash,
+        };
+        let pool = Pool {
+            config,
+            endpoints,
+            balancer,
+            admission: Mutex::new(Admission {
+                inflight: 0,
+                capacity: 0,
+                waiters: VecDeque::new(),
+            }),
+            metrics,
+        };
+        pool.refresh_capacity();
+        pool
+    }
+
+    /// The pool's name.
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    /// Recomputes capacity (sum of `max_conns` over available endpoints) after a health,
+    /// drain or config change, and admits waiters that now fit. When nothing is available
+    /// every waiter is failed at once: waiting for a dead pool helps nobody.
+    pub fn refresh_capacity(&self) {
+        let capacity: usize = self
+            .endpoints
+            .iter()
+            .filter(|e| e.is_available())
+            .map(|e| e.max_conns())
+            .sum();
+        self.metrics.capacity.set(capacity as i64);
+        let mut st = self.lock();
+        st.capacity = capacity;
+        if capacity == 0 {
+            st.waiters.clear();
+            return;
+        }
+        while st.inflight < st.capacity {
+            let Some(tx) = st.waiters.pop_front() else {
+                break;
+            };
+            st.inflight += 1;
+            if let Err(admit) = tx.send(Admit { pool: None }) {
+                drop(admit);
+                st.inflight -= 1;
+            }
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Admission> {
+        self.admission.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Waits for a place in the pool (FIFO, bounded by `queue.size` and `queue.timeout`).
+    pub async fn admit(self: &Arc<Self>) -> Result<Admit, ProxyError> {
+        let rx = {
+            let mut st = self.lock();
+            if st.capacity == 0 {
+                return Err(ProxyError::NoHealthy);
+            }
+            if st.waiters.is_empty() && st.inflight < st.capacity {
+                st.inflight += 1;
+                self.metrics.inflight.inc();
+                return Ok(Admit {
+                    pool: Some(self.clone()),
+                });
+            }
+            if st.waiters.len() >= self.config.queue.size {
+                // Waiters that gave up (client gone, timeout) leave closed senders behind.
+                st.waiters.retain(|tx| !tx.is_closed());
+                if st.waiters.len() >= self.config.queue.size {
+                    return Err(ProxyError::QueueFull);
+                }
+            }
+            let (tx, rx) = oneshot::channel();
+            st.waiters.push_back(tx);
+            rx
+        };
+        let started = Instant::now();
+        self.metrics.queue_depth.inc();
+        let _depth = DepthGuard(&self.metrics);
+        let result = tokio::time::timeout(self.config.queue.timeout, rx).await;
+        self.metrics
+            .queue_wait
+            .observe(started.elapsed().as_secs_f64());
+        match result {
+            Ok(Ok(mut admit)) => {
+                // The releaser counted us in `inflight` already; arm the guard.
+                admit.pool = Some(self.clone());
+                self.metrics.inflight.inc();
+                Ok(admit)
+            }
+            // The sender was dropped: capacity fell to zero while we waited.
+            Ok(Err(_)) => Err(ProxyError::NoHealthy),
+            Err(_) => Err(ProxyError::QueueTimeout),
+        }
+    }
+
+    fn release(&self) {
+        let mut st = self.lock();
+        // Hand the place straight to the first live waiter (FIFO), unless capacity shrank.
+        while st.inflight <= st.capacity {
+            let Some(tx) = st.waiters.pop_front() else {
+                break;
+            };
+            match tx.send(Admit { pool: None }) {
+                Ok(()) => return,
+                Err(unarmed) => drop(unarmed),
+            }
+        }
+        st.inflight = st.inflight.saturating_sub(1);
+    }
+
+    /// Queue length right now (for `/status`).
+    pub fn queue_len(&self) -> usize {
+        self.lock().waiters.len()
+    }
+
+    /// Requests admitted and not finished.
+    pub fn inflight(&self) -> usize {
+        self.lock().inflight
+    }
+
+    /// Picks an available endpoint with a free slot and reserves it. `avoid` lists endpoints
+    /// already tried by this request: they are used again only if nothing else is left.
+    pub fn select(&self, avoid: &[usize], key: Option<u64>) -> Option<(usize, Slot)> {
+        let n = self.endpoints.len();
+        let mut cands = [Candidate {
+            weight: 1,
+            load: 0,
+            id_hash: 0,
+        }; 8];
+        let mut heap;
+        let cands: &mut [Candidate] = if n <= cands.len() {
+            &mut cands[..n]
+        } else {
+            heap = vec![
+                Candidate {
+                    weight: 1,
+                    load: 0,
+                    id_hash: 0
+                };
+                n
+            ];
+            &mut heap
+        };
+        for (c, e) in cands.iter_mut().zip(&self.endpoints) {
+            *c = Candidate {
+                weight: e.weight(),
+                load: e.busy(),
+                id_hash: e.id_hash,
+            };
+        }
+        for pass in 0..2 {
+            // A reservation can lose a race with another request; a few rounds settle it.
+            for _ in 0..4 {
+                let eligible = |i: usize| {
+                    let e = &self.endpoints[i];
+                    (pass == 1 || !avoid.contains(&i))
+                        && e.is_available()
+                        && e.busy() < e.max_conns()
+                };
+                let i = self.balancer.pick(cands, &eligible, key)?;
+                if let Some(slot) = self.endpoints[i].try_reserve() {
+                    return Some((i, slot));
+                }
+                cands[i].load = usize::MAX / 2;
+            }
+            if avoid.is_empty() {
+                break;
+            }
+        }
+        None
+    }
+
+    /// Whether this pool hashes on a cookie, and its name.
+    pub fn hash_cookie(&self) -> Option<&str> {
+        match &self.config.balance {
+            BalancePolicy::HashCookie(name) => Some(name),
+            _ => None,
+        }
+    }
+
+    /// Whether this pool hashes on the client address.
+    pub fn hashes_client_ip(&self) -> bool {
+        matches!(self.config.balance, BalancePolicy::HashClientIp)
+    }
+}
+
+struct DepthGuard<'a>(&'a PoolMetrics);
+
+impl Drop for DepthGuard<'_> {
+    fn drop(&mut self) {
+        self.0.queue_depth.dec();
+    }
+}
+
+/// A place in a pool. Dropping it lets the next waiter in.
+pub struct Admit {
+    pool: Option<Arc<Pool>>,
+}
+
+impl Drop for Admit {
+    fn drop(&mut self) {
+        if let Some(pool) = self.pool.take() {
+            pool.metrics.inflight.dec();
+            pool.release();
+        }
+    }
+}

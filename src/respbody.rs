@@ -1,0 +1,67 @@
+//! The response body type every handler returns: a small fixed body, FPM's streamed STDOUT,
+//! or a static file. One enum instead of a boxed trait object keeps the hot path free of an
+//! allocation per response.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Frame, SizeHint};
+
+use crate::fastcgi::client::FcgiBody;
+use crate::static_files::FileBody;
+
+/// A response body.
+pub enum ProxyBody {
+    /// No bytes.
+    Empty,
+    /// One buffer (error pages, admin answers).
+    Full(Option<Bytes>),
+    /// PHP's output, streamed as FPM writes it.
+    Fcgi(FcgiBody),
+    /// A static file streamed from disk.
+    File(FileBody),
+}
+
+impl ProxyBody {
+    /// A body of one buffer.
+    pub fn full(b: impl Into<Bytes>) -> ProxyBody {
+        ProxyBody::Full(Some(b.into()))
+    }
+}
+
+impl http_body::Body for ProxyBody {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        match self.get_mut() {
+            ProxyBody::Empty => Poll::Ready(None),
+            ProxyBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            ProxyBody::Fcgi(f) => Pin::new(f).poll_frame(cx),
+            ProxyBody::File(f) => Pin::new(f).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ProxyBody::Empty => true,
+            ProxyBody::Full(b) => b.is_none(),
+            ProxyBody::Fcgi(f) => f.is_end_stream(),
+            ProxyBody::File(f) => f.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ProxyBody::Empty => SizeHint::with_exact(0),
+            ProxyBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            ProxyBody::Fcgi(f) => f.size_hint(),
+            ProxyBody::File(f) => f.size_hint(),
+        }
+    }
+}

@@ -1,0 +1,211 @@
+//! The live, ready-to-serve form of a config: router, vhosts and pools with their endpoints.
+//! A reload builds a new [`Runtime`] beside the running one and swaps it in with one store;
+//! every request takes one snapshot at its start and keeps it to its end.
+//!
+//! State carries over by name: a pool whose definition did not change is kept whole (queue,
+//! in-flight counts); an endpoint whose pool and address did not change keeps its health,
+//! counters and idle connections even when the pool around it is rebuilt.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+use crate::config::{Config, Limits, PoolConfig, RouteMatch as CfgRouteMatch};
+use crate::metrics::Metrics;
+use crate::pool::{ConnSettings, Endpoint, Pool};
+use crate::router::{RouteMatch, Router, VhostRoutes};
+
+/// The shared handle every component reads the current runtime from.
+pub type Shared = Arc<ArcSwap<Runtime>>;
+
+/// One vhost, ready for the request path.
+pub struct Vhost {
+    /// Metric label and log name: the first host name.
+    pub label: String,
+    /// The first host name as configured (may be `*` or a wildcard).
+    pub first_host: String,
+    /// Document root as seen by the FPM nodes.
+    pub root: String,
+    /// Front controller script name (e.g. `index.php`).
+    pub index: Option<String>,
+    /// Local document tree served directly.
+    pub static_dir: Option<PathBuf>,
+}
+
+/// A compiled, live configuration.
+pub struct Runtime {
+    /// 1 for the first load, +1 for each applied reload.
+    pub generation: u64,
+    /// The config it was built from.
+    pub config: Arc<Config>,
+    /// Host and path routing.
+    pub router: Router,
+    /// Vhosts, by the indexes the router returns.
+    pub vhosts: Vec<Vhost>,
+    /// Pools, by the indexes the router returns.
+    pub pools: Vec<Arc<Pool>>,
+}
+
+impl Runtime {
+    /// Client-side limits.
+    pub fn limits(&self) -> &Limits {
+        &self.config.limits
+    }
+}
+
+fn conn_settings(p: &PoolConfig) -> ConnSettings {
+    ConnSettings {
+        connect_timeout: p.timeouts.connect,
+        max_idle: p.keepalive.max_idle,
+        idle_timeout: p.keepalive.idle_timeout,
+    }
+}
+
+/// Builds a runtime, carrying over what `prev` has that did not change. Endpoints that left
+/// the config are marked draining and lose their idle connections; their in-flight requests
+/// finish on their own.
+pub fn build(
+    config: Config,
+    prev: Option<&Runtime>,
+    metrics: &Metrics,
+    generation: u64,
+) -> Runtime {
+    let config = Arc::new(config);
+    let mut old_pools: HashMap<&str, &Arc<Pool>> = HashMap::new();
+    let mut old_endpoints: HashMap<(&str, String), &Arc<Endpoint>> = HashMap::new();
+    if let Some(prev) = prev {
+        for pool in &prev.pools {
+            old_pools.insert(pool.name(), pool);
+            for ep in &pool.endpoints {
+                old_endpoints.insert((pool.name(), ep.label.clone()), ep);
+            }
+        }
+    }
+
+    let mut pools = Vec::with_capacity(config.pools.len());
+    let mut kept_endpoints: Vec<(String, String)> = Vec::new();
+    for pc in &config.pools {
+        // Same definition → same pool object: its queue and admission state stay exact.
+        if let Some(old) = old_pools.get(pc.name.as_str()) {
+            if format!("{:?}", old.config) == format!("{pc:?}") {
+                for ep in &old.endpoints {
+                    kept_endpoints.push((pc.name.clone(), ep.label.clone()));
+                }
+                pools.push(Arc::clone(old));
+                continue;
+            }
+        }
+        let settings = conn_settings(pc);
+        let endpoints = pc
+            .endpoints
+            .iter()
+            .map(|ec| {
+                let label = ec.addr.to_string();
+                kept_endpoints.push((pc.name.clone(), label.clone()));
+                match old_endpoints.get(&(pc.name.as_str(), label.clone())) {
+                    Some(old) => {
+                        old.update(ec, settings);
+                        Arc::clone(old)
+                    }
+                    None => Arc::new(Endpoint::new(
+                        ec,
+                        settings,
+                        metrics.endpoint(&pc.name, &label),
+                    )),
+                }
+            })
+            .collect();
+        pools.push(Arc::new(Pool::new(
+            Arc::new(pc.clone()),
+            endpoints,
+            metrics.pool(&pc.name),
+        )));
+    }
+
+    // Endpoints (and pools) that are gone: drain, close idle connections, drop their series.
+    if let Some(prev) = prev {
+        for pool in &prev.pools {
+            for ep in &pool.endpoints {
+                if !kept_endpoints
+                    .iter()
+                    .any(|(p, l)| p == pool.name() && *l == ep.label)
+                {
+                    ep.draining.store(true, Ordering::Relaxed);
+                    ep.reap_idle(true);
+                    metrics.forget_endpoint(pool.name(), &ep.label);
+                }
+            }
+            if !config.pools.iter().any(|p| p.name == pool.name()) {
+                for g in [
+                    &metrics.pool_inflight,
+                    &metrics.pool_capacity,
+                    &metrics.pool_queue_depth,
+                ] {
+                    let _ = g.remove_label_values(&[pool.name()]);
+                }
+            }
+        }
+    }
+
+    let pool_index: HashMap<&str, usize> = config
+        .pools
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (p.name.as_str(), i))
+        .collect();
+    let mut vhosts = Vec::with_capacity(config.vhosts.len());
+    let mut routes = Vec::with_capacity(config.vhosts.len());
+    for vc in &config.vhosts {
+        // compile() guarantees every referenced pool exists.
+        let pool = pool_index.get(vc.pool.as_str()).copied().unwrap_or(0);
+        let vroutes = vc
+            .routes
+            .iter()
+            .map(|r| {
+                let m = match &r.matcher {
+                    CfgRouteMatch::Prefix(p) => RouteMatch::Prefix(p.clone()),
+                    CfgRouteMatch::Regex(re) => RouteMatch::Regex(re.clone()),
+                };
+                (m, pool_index.get(r.pool.as_str()).copied().unwrap_or(pool))
+            })
+            .collect();
+        routes.push(VhostRoutes {
+            hosts: vc.hosts.clone(),
+            pool,
+            routes: vroutes,
+        });
+        let first_host = vc.hosts.first().cloned().unwrap_or_else(|| "*".to_string());
+        vhosts.push(Vhost {
+            label: first_host.clone(),
+            first_host,
+            root: vc.root.clone(),
+            index: vc.index.clone(),
+            static_dir: vc.static_dir.clone(),
+        });
+    }
+
+    for pool in &pools {
+        pool.refresh_capacity();
+    }
+    metrics.config_generation.set(generation as i64);
+    Runtime {
+        generation,
+        router: Router::new(routes),
+        vhosts,
+        pools,
+        config,
+    }
+}
+
+/// Closes idle connections past their idle timeout in every pool, so kept connections stop
+/// pinning FPM workers once traffic drops. Runs every second from the app.
+pub fn reap_idle(rt: &Runtime) {
+    for pool in &rt.pools {
+        for ep in &pool.endpoints {
+            ep.reap_idle(false);
+        }
+    }
+}

@@ -1,0 +1,244 @@
+//! Direct serving of files from a vhost's `static` tree: existing regular files only, never
+//! outside the tree (symlinks resolved and checked), with content type, ETag, Last-Modified
+//! and conditional GET. Streamed from disk in bounded chunks.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderValue, Method, Response, StatusCode};
+use http_body::{Frame, SizeHint};
+use tokio::io::AsyncRead;
+
+use crate::error::ProxyError;
+use crate::mapping::LocalFile;
+use crate::respbody::ProxyBody;
+
+const CHUNK: usize = 64 * 1024;
+
+fn join(dir: &Path, path: &str) -> PathBuf {
+    dir.join(path.trim_start_matches('/'))
+}
+
+/// What the local tree has at a normalised path (used by the mapping rules).
+pub fn probe(dir: &Path, path: &str) -> LocalFile {
+    match std::fs::metadata(join(dir, path)) {
+        Ok(m) if m.is_file() => LocalFile::File,
+        Ok(m) if m.is_dir() => LocalFile::Dir,
+        _ => LocalFile::Missing,
+    }
+}
+
+/// Serves the file at `path` under `dir`.
+pub async fn serve(
+    dir: &Path,
+    path: &str,
+    method: &Method,
+    headers: &HeaderMap,
+    guard: Box<dyn Send + Sync>,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    if method != Method::GET && method != Method::HEAD {
+        let mut resp = Response::new(ProxyBody::full("405 Method Not Allowed\n"));
+        *resp.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
+        resp.headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return Ok(resp);
+    }
+    let full = join(dir, path);
+    // Symlinks may point anywhere; what they resolve to must still be inside the tree.
+    let (real, root) = match (
+        tokio::fs::canonicalize(&full).await,
+        tokio::fs::canonicalize(dir).await,
+    ) {
+        (Ok(r), Ok(d)) => (r, d),
+        _ => return Err(ProxyError::NotFound),
+    };
+    if !real.starts_with(&root) {
+        return Err(ProxyError::NotFound);
+    }
+    let file = tokio::fs::File::open(&real)
+        .await
+        .map_err(|_| ProxyError::NotFound)?;
+    let meta = file.metadata().await.map_err(|_| ProxyError::NotFound)?;
+    if !meta.is_file() {
+        return Err(ProxyError::NotFound);
+    }
+    let len = meta.len();
+    let mtime = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let etag = format!("\"{mtime:x}-{len:x}\"");
+    let last_modified = httpdate(SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(mtime));
+
+    let not_modified = match headers.get(header::IF_NONE_MATCH) {
+        Some(inm) => inm
+            .to_str()
+            .is_ok_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*")),
+        None => {
+            headers
+                .get(header::IF_MODIFIED_SINCE)
+                .and_then(|v| v.to_str().ok())
+                == Some(last_modified.as_str())
+        }
+    };
+    let mut resp = if not_modified {
+        let mut r = Response::new(ProxyBody::Empty);
+        *r.status_mut() = StatusCode::NOT_MODIFIED;
+        r
+    } else if method == Method::HEAD {
+        let mut r = Response::new(ProxyBody::Empty);
+        r.headers_mut()
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+        r
+    } else {
+        let mut r = Response::new(ProxyBody::File(FileBody {
+            file,
+            remaining: len,
+            buf: vec![0; CHUNK.min(len as usize).max(1)],
+            _guard: guard,
+        }));
+        r.headers_mut()
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+        r
+    };
+    let h = resp.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&etag) {
+        h.insert(header::ETAG, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&last_modified) {
+        h.insert(header::LAST_MODIFIED, v);
+    }
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(content_type(path)),
+    );
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("none"));
+    Ok(resp)
+}
+
+/// A file streamed in chunks of at most 64 KiB.
+pub struct FileBody {
+    file: tokio::fs::File,
+    remaining: u64,
+    buf: Vec<u8>,
+    _guard: Box<dyn Send + Sync>,
+}
+
+impl http_body::Body for FileBody {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        let this = &mut *self;
+        if this.remaining == 0 {
+            return Poll::Ready(None);
+        }
+        let want = (this.remaining as usize).min(this.buf.len());
+        let mut rb = tokio::io::ReadBuf::new(&mut this.buf[..want]);
+        match Pin::new(&mut this.file).poll_read(cx, &mut rb) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Err(e)) => Poll::Ready(Some(Err(e))),
+            Poll::Ready(Ok(())) => {
+                let n = rb.filled().len();
+                if n == 0 {
+                    return Poll::Ready(Some(Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "file shrank while serving",
+                    ))));
+                }
+                this.remaining -= n as u64;
+                Poll::Ready(Some(Ok(Frame::data(Bytes::copy_from_slice(rb.filled())))))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.remaining == 0
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.remaining)
+    }
+}
+
+fn content_type(path: &str) -> &'static str {
+    let ext = path
+        .rsplit_once('.')
+        .map(|(_, e)| e.to_ascii_lowercase())
+        .unwrap_or_default();
+    match ext.as_str() {
+        "html" | "htm" => "text/html; charset=utf-8",
+        "css" => "text/css; charset=utf-8",
+        "js" | "mjs" => "text/javascript; charset=utf-8",
+        "json" => "application/json",
+        "txt" => "text/plain; charset=utf-8",
+        "xml" => "application/xml",
+        "svg" => "image/svg+xml",
+        "png" => "image/png",
+        "jpg" | "jpeg" => "image/jpeg",
+        "gif" => "image/gif",
+        "webp" => "image/webp",
+        "avif" => "image/avif",
+        "ico" => "image/x-icon",
+        "woff" => "font/woff",
+        "woff2" => "font/woff2",
+        "ttf" => "font/ttf",
+        "pdf" => "application/pdf",
+        "wasm" => "application/wasm",
+        "mp4" => "video/mp4",
+        "webm" => "video/webm",
+        "mp3" => "audio/mpeg",
+        "zip" => "application/zip",
+        "gz" => "application/gzip",
+        _ => "application/octet-stream",
+    }
+}
+
+/// IMF-fixdate (RFC 9110 §5.6.7) without a date crate.
+pub fn httpdate(t: SystemTime) -> String {
+    let secs = t
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let days = secs / 86_400;
+    let rem = secs % 86_400;
+    let (h, m, s) = (rem / 3600, (rem % 3600) / 60, rem % 60);
+    let weekday = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"][(days % 7) as usize];
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let mon = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ][(month - 1) as usize];
+    format!("{weekday}, {d:02} {mon} {year} {h:02}:{m:02}:{s:02} GMT")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn httpdate_formats_known_instants() {
+        assert_eq!(httpdate(UNIX_EPOCH), "Thu, 01 Jan 1970 00:00:00 GMT");
+        let t = UNIX_EPOCH + std::time::Duration::from_secs(784_111_777);
+        assert_eq!(httpdate(t), "Sun, 06 Nov 1994 08:49:37 GMT");
+        let t = UNIX_EPOCH + std::time::Duration::from_secs(1_709_251_200); // 2024-03-01
+        assert_eq!(httpdate(t), "Fri, 01 Mar 2024 00:00:00 GMT");
+    }
+}
