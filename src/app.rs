@@ -17,7 +17,9 @@ use crate::config::{self, Config};
 use crate::listener::{self, Serve};
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
+use crate::reload::{unix_now, Reloader};
 use crate::runtime::{self, Shared};
+use crate::tls;
 
 /// How often the config file's content is compared with what is running, as a safety net
 /// for file systems and mounts that emit no change events.
@@ -25,11 +27,34 @@ const POLL_INTERVAL: Duration = Duration::from_secs(2);
 
 /// Loads the config or returns the formatted list of every error in it.
 pub fn load_config(path: &Path) -> Result<Config, String> {
-    config::load(path).map_err(|errs| config::format_errors(path, &errs))
+    let cfg = config::load(path).map_err(|errs| config::format_errors(path, &errs))?;
+    // Certificates are checked as part of the config: readable, parseable, not expired,
+    // and each key matching its certificate.
+    let mut errors = Vec::new();
+    for (i, l) in cfg.listeners.iter().enumerate() {
+        if let Err(errs) = tls::CertSet::load(&l.tls) {
+            if l.tls.is_empty() {
+                continue;
+            }
+            for e in errs {
+                errors.push(config::ConfigError {
+                    path: format!("listen[{i}].tls[{}]", e.index),
+                    location: None,
+                    message: e.message,
+                });
+            }
+        }
+    }
+    if errors.is_empty() {
+        Ok(cfg)
+    } else {
+        Err(config::format_errors(path, &errors))
+    }
 }
 
 /// Runs the proxy until SIGTERM/SIGINT. Builds its own tokio runtime with `workers` threads.
 pub fn run(path: PathBuf) -> anyhow::Result<()> {
+    tls::install_provider();
     let config = load_config(&path).map_err(|e| anyhow::anyhow!("invalid config:\n{e}"))?;
     let workers = config.workers.unwrap_or_else(|| {
         std::thread::available_parallelism()
@@ -45,95 +70,8 @@ pub fn run(path: PathBuf) -> anyhow::Result<()> {
     rt.block_on(serve(path, config))
 }
 
-struct Reloader {
-    path: PathBuf,
-    shared: Shared,
-    metrics: Arc<Metrics>,
-    last_error: Arc<std::sync::Mutex<Option<String>>>,
-    last_hash: std::sync::Mutex<u64>,
-}
-
-fn unix_now() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0)
-}
-
-fn content_hash(path: &Path) -> Option<u64> {
-    std::fs::read(path)
-        .ok()
-        .map(|b| crate::pool::balance::hash_bytes(&b))
-}
-
-impl Reloader {
-    /// Parses and compiles the file beside the running runtime; stores it only if valid.
-    fn reload(&self, why: &str) -> bool {
-        let hash = content_hash(&self.path);
-        match load_config(&self.path) {
-            Ok(cfg) => {
-                let old = self.shared.load_full();
-                if cfg
-                    .listeners
-                    .iter()
-                    .map(|l| (l.bind, l.tls.len()))
-                    .collect::<Vec<_>>()
-                    != old
-                        .config
-                        .listeners
-                        .iter()
-                        .map(|l| (l.bind, l.tls.len()))
-                        .collect::<Vec<_>>()
-                {
-                    tracing::warn!("listener changes take effect at the next restart; other changes are applied");
-                }
-                let generation = old.generation + 1;
-                let new = runtime::build(cfg, Some(&old), &self.metrics, generation);
-                self.shared.store(Arc::new(new));
-                self.metrics
-                    .config_reloads
-                    .with_label_values(&["success"])
-                    .inc();
-                self.metrics.config_last_success.set(unix_now());
-                self.metrics.config_last_successful.set(1);
-                *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
-                if let Some(h) = hash {
-                    *self.last_hash.lock().unwrap_or_else(|e| e.into_inner()) = h;
-                }
-                tracing::info!(generation, trigger = why, "config reloaded");
-                true
-            }
-            Err(errors) => {
-                self.metrics
-                    .config_reloads
-                    .with_label_values(&["failure"])
-                    .inc();
-                self.metrics.config_last_successful.set(0);
-                if let Some(h) = hash {
-                    // Do not retry the same broken content every poll.
-                    *self.last_hash.lock().unwrap_or_else(|e| e.into_inner()) = h;
-                }
-                tracing::warn!(
-                    trigger = why,
-                    "config reload rejected, the running config keeps serving:\n{errors}"
-                );
-                *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(errors);
-                false
-            }
-        }
-    }
-
-    fn changed_on_disk(&self) -> bool {
-        match content_hash(&self.path) {
-            Some(h) => h != *self.last_hash.lock().unwrap_or_else(|e| e.into_inner()),
-            None => false,
-        }
-    }
-}
-
 async fn serve(path: PathBuf, config: Config) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
-    let initial_hash = content_hash(&path).unwrap_or(0);
     let grace = config.shutdown_grace;
     let max_conns = config.limits.max_connections;
     let listeners = config.listeners.clone();
@@ -156,19 +94,29 @@ async fn serve(path: PathBuf, config: Config) -> anyhow::Result<()> {
     };
 
     let mut accept_tasks = Vec::new();
+    let mut resolvers = Vec::new();
     for l in &listeners {
-        if !l.tls.is_empty() {
-            anyhow::bail!(
-                "listener {}: TLS listeners are not supported by this build yet",
-                l.bind
-            );
-        }
         let sock = listener::bind(l.bind).with_context(|| format!("binding {}", l.bind))?;
         let addr = sock.local_addr()?;
-        tracing::info!("listening addr={addr} kind=http");
+        let (kind, tls) = if l.tls.is_empty() {
+            ("http", None)
+        } else {
+            let set = tls::CertSet::load(&l.tls).map_err(|errs| {
+                let msgs: Vec<String> = errs.into_iter().map(|e| e.message).collect();
+                anyhow::anyhow!("listener {}: {}", l.bind, msgs.join("; "))
+            })?;
+            for line in &set.summary {
+                tracing::info!(listener = %addr, "certificate {line}");
+            }
+            let resolver = Arc::new(tls::SniResolver::new(set));
+            resolvers.push((l.bind, resolver.clone()));
+            ("https", Some(tls::server_config(resolver)))
+        };
+        tracing::info!("listening addr={addr} kind={kind}");
         accept_tasks.push(tokio::spawn(listener::accept_loop(
             sock,
-            "http",
+            kind,
+            tls,
             serve.clone(),
         )));
     }
@@ -201,13 +149,13 @@ async fn serve(path: PathBuf, config: Config) -> anyhow::Result<()> {
         });
     }
 
-    let reloader = Arc::new(Reloader {
-        path: path.clone(),
-        shared: shared.clone(),
-        metrics: metrics.clone(),
+    let reloader = Arc::new(Reloader::new(
+        path.clone(),
+        shared.clone(),
+        metrics.clone(),
         last_error,
-        last_hash: std::sync::Mutex::new(initial_hash),
-    });
+        resolvers,
+    ));
     {
         let reloader = reloader.clone();
         let token = shutdown.clone();

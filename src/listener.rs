@@ -78,7 +78,12 @@ pub struct Serve {
 
 /// Accepts until shutdown. Waiting for a connection permit before accepting leaves excess
 /// clients in the kernel backlog instead of accepting and dropping them.
-pub async fn accept_loop(listener: TcpListener, kind: &'static str, s: Serve) {
+pub async fn accept_loop(
+    listener: TcpListener,
+    kind: &'static str,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    s: Serve,
+) {
     let local = listener.local_addr().ok();
     loop {
         let permit = tokio::select! {
@@ -98,16 +103,43 @@ pub async fn accept_loop(listener: TcpListener, kind: &'static str, s: Serve) {
             },
         };
         let _ = stream.set_nodelay(true);
-        let info = Arc::new(ConnInfo {
-            remote,
-            local: stream.local_addr().ok().or(local).unwrap_or(remote),
-            tls: None,
-        });
+        let local = stream.local_addr().ok().or(local).unwrap_or(remote);
         let s2 = s.clone();
+        let tls = tls.clone();
         s.tracker.spawn(async move {
             let gauge = s2.metrics.client_connections.with_label_values(&[kind]);
             gauge.inc();
-            serve_connection(TokioIo::new(stream), info, &s2).await;
+            match tls {
+                None => {
+                    let info = Arc::new(ConnInfo {
+                        remote,
+                        local,
+                        tls: None,
+                    });
+                    serve_connection(TokioIo::new(stream), info, &s2).await;
+                }
+                Some(cfg) => {
+                    // A handshake gets the same budget as a request head: a client that
+                    // opens a socket and says nothing must not hold a connection slot.
+                    let timeout = s2.proxy.shared.load().limits().header_timeout;
+                    let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
+                    match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(tls_stream)) => {
+                            let proto = crate::tls::protocol_name(
+                                tls_stream.get_ref().1.protocol_version(),
+                            );
+                            let info = Arc::new(ConnInfo {
+                                remote,
+                                local,
+                                tls: Some(proto),
+                            });
+                            serve_connection(TokioIo::new(tls_stream), info, &s2).await;
+                        }
+                        Ok(Err(e)) => tracing::debug!(%remote, "TLS handshake failed: {e}"),
+                        Err(_) => tracing::debug!(%remote, "TLS handshake timed out"),
+                    }
+                }
+            }
             gauge.dec();
             drop(permit);
         });

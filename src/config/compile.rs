@@ -4,7 +4,6 @@
 //! each names its YAML path (and line:column when the spec carries a `Spanned` location;
 //! the caller fills in the rest from the document outline).
 
-use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -12,15 +11,12 @@ use std::time::Duration;
 use serde_saphyr::Spanned;
 
 use super::error::ConfigError;
-use super::schema::{ConfigSpec, LimitsSpec, ListenSpec, RouteSpec, Text, VhostSpec};
+use super::schema::{ConfigSpec, LimitsSpec, ListenSpec, Text};
 use super::units::{parse_duration, parse_size};
-use super::{AdminConfig, Config, Limits, ListenerConfig, RouteConfig, RouteMatch, TlsCertConfig};
-use super::{EndpointAddr, VhostConfig};
+use super::{AdminConfig, Config, Limits, ListenerConfig, TlsCertConfig};
 
 mod pool;
-
-/// Compiled regexes are capped so a route cannot make every request expensive.
-const REGEX_SIZE_LIMIT: usize = 1 << 20;
+mod vhost;
 
 /// Builds the runtime config from the schema, or returns every error found.
 pub fn compile(spec: ConfigSpec, path: &Path) -> Result<Config, Vec<ConfigError>> {
@@ -37,15 +33,20 @@ pub fn compile(spec: ConfigSpec, path: &Path) -> Result<Config, Vec<ConfigError>
     let admin = spec.admin.and_then(|a| {
         let bind = cx.required(&a.bind, "admin.bind")?;
         let bind = cx.socket_addr(bind, "admin.bind")?;
-        Some((bind, a.token.map(|t| t.value)))
+        let token = a.token.map(|t| {
+            if t.value.is_empty() {
+                cx.err(
+                    "admin.token",
+                    loc(&t),
+                    "token must not be empty (omit it for none)",
+                );
+            }
+            t.value
+        });
+        Some(AdminConfig { bind, token })
     });
-    let mut binds: Vec<(String, &Text, SocketAddr)> = Vec::new();
-    for (i, l) in listeners.iter().enumerate() {
-        binds.push((format!("listen[{i}].bind"), &l.0, l.1.bind));
-    }
-    cx.check_bind_conflicts(&binds, admin.as_ref().map(|a| a.0));
-    let listeners = listeners.iter().map(|l| l.1.clone()).collect();
-    let admin = admin.map(|(bind, token)| AdminConfig { bind, token });
+    cx.check_bind_conflicts(&listeners, admin.as_ref().map(|a| a.bind));
+    let listeners = listeners.into_iter().map(|(.., l)| l).collect();
 
     let pools = pool::compile_pools(&mut cx, spec.pools.unwrap_or_default().0);
     let names: Vec<&str> = pools.iter().map(|p| p.name.as_str()).collect();
@@ -78,8 +79,11 @@ pub fn compile(spec: ConfigSpec, path: &Path) -> Result<Config, Vec<ConfigError>
     })
 }
 
+/// A 1-based `(line, column)`.
+pub(super) type Pos = (usize, usize);
+
 /// 1-based `(line, column)` of a spanned value; `None` when the parser did not record one.
-pub(super) fn loc<T>(s: &Spanned<T>) -> Option<(usize, usize)> {
+pub(super) fn loc<T>(s: &Spanned<T>) -> Option<Pos> {
     let l = s.referenced;
     (l.line() > 0).then(|| (l.line() as usize, l.column() as usize))
 }
@@ -121,6 +125,7 @@ impl Ctx {
         self.duration_or(v, path, Duration::from_secs(default_secs), nonzero)
     }
 
+    /// [`Ctx::duration`] with a default that is not a whole number of seconds.
     pub(super) fn duration_or(
         &mut self,
         v: &Option<Text>,
@@ -153,6 +158,7 @@ impl Ctx {
         default
     }
 
+    /// [`Ctx::size`] for limits held as `usize`.
     fn usize_size(&mut self, v: &Option<Text>, path: &str, default: usize) -> usize {
         let n = self.size(v, path, default as u64);
         usize::try_from(n).unwrap_or_else(|_| {
@@ -177,7 +183,8 @@ impl Ctx {
             .ok()
     }
 
-    fn listeners(&mut self, specs: Vec<ListenSpec>) -> Vec<(Text, ListenerConfig)> {
+    /// Each valid listener with its bind's YAML path and location (for conflict errors).
+    fn listeners(&mut self, specs: Vec<ListenSpec>) -> Vec<(String, Option<Pos>, ListenerConfig)> {
         if specs.is_empty() {
             self.err(
                 "listen",
@@ -205,7 +212,7 @@ impl Ctx {
                 continue;
             };
             if let Some(bind) = self.socket_addr(&text, &bind_path) {
-                out.push((text, ListenerConfig { bind, tls }));
+                out.push((bind_path, loc(&text), ListenerConfig { bind, tls }));
             }
         }
         out
@@ -231,7 +238,7 @@ impl Ctx {
     /// wildcard of the same family. Port 0 (any free port) never conflicts.
     fn check_bind_conflicts(
         &mut self,
-        listeners: &[(String, &Text, SocketAddr)],
+        listeners: &[(String, Option<Pos>, ListenerConfig)],
         admin: Option<SocketAddr>,
     ) {
         let clash = |a: SocketAddr, b: SocketAddr| {
@@ -241,17 +248,15 @@ impl Ctx {
                     || (a.is_ipv4() == b.is_ipv4()
                         && (a.ip().is_unspecified() || b.ip().is_unspecified())))
         };
-        for (i, (path, text, addr)) in listeners.iter().enumerate() {
-            if let Some((other, ..)) = listeners[..i].iter().find(|(_, _, o)| clash(*o, *addr)) {
-                self.err(
-                    path,
-                    loc(text),
-                    format!("`{addr}` is already bound by {other}"),
-                );
+        for (i, (path, at, l)) in listeners.iter().enumerate() {
+            let earlier = listeners.iter().take(i);
+            if let Some((other, ..)) = earlier.clone().find(|(.., o)| clash(o.bind, l.bind)) {
+                let message = format!("`{}` is already bound by {other}", l.bind);
+                self.err(path, *at, message);
             }
         }
         if let Some(admin) = admin {
-            if let Some((other, ..)) = listeners.iter().find(|(_, _, o)| clash(*o, admin)) {
+            if let Some((other, ..)) = listeners.iter().find(|(.., o)| clash(o.bind, admin)) {
                 self.err(
                     "admin.bind",
                     None,
@@ -261,178 +266,8 @@ impl Ctx {
         }
     }
 
-    fn vhosts(&mut self, specs: Vec<VhostSpec>, pools: &[&str]) -> Vec<VhostConfig> {
-        if specs.is_empty() {
-            self.err(
-                "vhosts",
-                None,
-                "at least one vhost is required (`hosts: [\"*\"]` is the default vhost)",
-            );
-        }
-        let mut seen: HashMap<String, String> = HashMap::new();
-        let mut out = Vec::new();
-        for (i, spec) in specs.into_iter().enumerate() {
-            let p = format!("vhosts[{i}]");
-            let mut hosts = Vec::new();
-            let host_specs = spec.hosts.clone().unwrap_or_default();
-            if host_specs.is_empty() {
-                self.err(
-                    &format!("{p}.hosts"),
-                    None,
-                    "at least one host name is required (`\"*\"` matches any)",
-                );
-            }
-            for (j, h) in host_specs.iter().enumerate() {
-                let hp = format!("{p}.hosts[{j}]");
-                match check_host(&h.value) {
-                    Err(e) => self.err(&hp, loc(h), e),
-                    Ok(host) => match seen.get(&host) {
-                        Some(first) => self.err(
-                            &hp,
-                            loc(h),
-                            format!("host `{host}` is already used by {first}"),
-                        ),
-                        None => {
-                            seen.insert(host.clone(), hp);
-                            hosts.push(host);
-                        }
-                    },
-                }
-            }
-            let root = self.required(&spec.root, &format!("{p}.root")).cloned();
-            let root = root.and_then(|r| match check_root(&r.value) {
-                Ok(root) => Some(root),
-                Err(e) => {
-                    self.err(&format!("{p}.root"), loc(&r), e);
-                    None
-                }
-            });
-            let pool = self.pool_ref(&spec.pool, &format!("{p}.pool"), pools);
-            let index = spec.index.as_ref().and_then(|t| {
-                let ok = !t.value.contains('/') && t.value.len() > 4 && t.value.ends_with(".php");
-                if !ok {
-                    self.err(
-                        &format!("{p}.index"),
-                        loc(t),
-                        "index must be a file name ending in `.php`, e.g. `index.php`",
-                    );
-                }
-                ok.then(|| t.value.clone())
-            });
-            let static_dir = spec
-                .static_dir
-                .as_ref()
-                .and_then(|t| self.static_dir(t, &format!("{p}.static")));
-            let routes = self.routes(spec.routes.unwrap_or_default(), &p, pools);
-            if let (Some(root), Some(pool)) = (root, pool) {
-                out.push(VhostConfig {
-                    hosts,
-                    root,
-                    pool,
-                    index,
-                    static_dir,
-                    routes,
-                });
-            }
-        }
-        out
-    }
-
-    /// A reference to a pool by name: required, and defined.
-    fn pool_ref(&mut self, v: &Option<Text>, path: &str, pools: &[&str]) -> Option<String> {
-        let t = self.required(v, path)?;
-        if pools.contains(&t.value.as_str()) {
-            return Some(t.value.clone());
-        }
-        let defined = if pools.is_empty() {
-            "none".to_string()
-        } else {
-            pools.join(", ")
-        };
-        let message = format!("undefined pool `{}` (defined: {defined})", t.value);
-        self.err(path, loc(t), message);
-        None
-    }
-
-    fn static_dir(&mut self, t: &Text, path: &str) -> Option<PathBuf> {
-        let dir = self.resolve(&t.value);
-        let problem = match std::fs::metadata(&dir) {
-            Ok(m) if m.is_dir() => return Some(dir),
-            Ok(_) => "is not a directory".to_string(),
-            Err(e) => format!("cannot be read: {e}"),
-        };
-        self.err(
-            path,
-            loc(t),
-            format!("static directory {} {problem}", dir.display()),
-        );
-        None
-    }
-
-    fn routes(&mut self, specs: Vec<RouteSpec>, vhost: &str, pools: &[&str]) -> Vec<RouteConfig> {
-        let mut out = Vec::new();
-        for (i, r) in specs.into_iter().enumerate() {
-            let p = format!("{vhost}.routes[{i}]");
-            let matcher = match (&r.path, &r.regex) {
-                (Some(t), None) if t.value.starts_with('/') => {
-                    Some(RouteMatch::Prefix(t.value.clone()))
-                }
-                (Some(t), None) => {
-                    self.err(
-                        &format!("{p}.path"),
-                        loc(t),
-                        "a route path must start with `/`",
-                    );
-                    None
-                }
-                (None, Some(t)) => match regex::RegexBuilder::new(&t.value)
-                    .size_limit(REGEX_SIZE_LIMIT)
-                    .build()
-                {
-                    Ok(re) => Some(RouteMatch::Regex(re)),
-                    Err(e) => {
-                        let msg = e
-                            .to_string()
-                            .split_whitespace()
-                            .collect::<Vec<_>>()
-                            .join(" ");
-                        self.err(
-                            &format!("{p}.regex"),
-                            loc(t),
-                            format!("invalid regex: {msg}"),
-                        );
-                        None
-                    }
-                },
-                _ => {
-                    self.err(
-                        &p,
-                        None,
-                        "a route needs exactly one of `path` (prefix) or `regex`",
-                    );
-                    None
-                }
-            };
-            let pool = self.pool_ref(&r.pool, &format!("{p}.pool"), pools);
-            if let (Some(matcher), Some(pool)) = (matcher, pool) {
-                out.push(RouteConfig { matcher, pool });
-            }
-        }
-        out
-    }
-
     fn limits(&mut self, spec: Option<LimitsSpec>) -> Limits {
-        let s = spec.unwrap_or(LimitsSpec {
-            max_body: None,
-            body_buffer: None,
-            max_header_bytes: None,
-            max_uri: None,
-            max_response_header: None,
-            header_timeout: None,
-            idle_timeout: None,
-            body_timeout: None,
-            max_connections: None,
-        });
+        let s = spec.unwrap_or_default();
         let max_connections = match &s.max_connections {
             Some(n) if n.value == 0 => {
                 self.err(
@@ -500,67 +335,6 @@ pub(super) fn parse_socket_addr(text: &str, dns_hint: bool) -> Result<SocketAddr
     }
 }
 
-/// Lowercases and checks a vhost host name: `*`, `*.suffix`, a DNS name or an IP literal.
-fn check_host(raw: &str) -> Result<String, String> {
-    let host = raw.trim().to_ascii_lowercase();
-    if host == "*" {
-        return Ok(host);
-    }
-    let name = host.strip_prefix("*.").unwrap_or(&host);
-    if name.is_empty() {
-        return Err("empty host name".into());
-    }
-    if let Some(v6) = name.strip_prefix('[').and_then(|n| n.strip_suffix(']')) {
-        return match v6.parse::<std::net::Ipv6Addr>() {
-            Ok(_) if name.len() == host.len() => Ok(host),
-            _ => Err(format!("invalid IPv6 host `{raw}`")),
-        };
-    }
-    if name.contains('*') {
-        return Err(format!(
-            "invalid host `{raw}`: a wildcard is `*` or a leading `*.` only"
-        ));
-    }
-    if name.contains(':') {
-        return Err(format!(
-            "invalid host `{raw}`: host names carry no port (the port is the listener's)"
-        ));
-    }
-    if !name.is_ascii() {
-        return Err(format!(
-            "invalid host `{raw}`: write internationalised names in their `xn--` form"
-        ));
-    }
-    if let Some(c) = name
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_')))
-    {
-        return Err(format!("invalid host `{raw}`: unexpected character {c:?}"));
-    }
-    Ok(host)
-}
-
-/// Document roots are absolute paths on the FPM side; trailing slashes are dropped so
-/// `root + SCRIPT_NAME` never doubles one.
-fn check_root(raw: &str) -> Result<String, String> {
-    if !raw.starts_with('/') {
-        return Err(format!(
-            "root must be an absolute path (as seen by the FPM nodes), got `{raw}`"
-        ));
-    }
-    if raw.split('/').any(|seg| seg == "..") || raw.contains('\0') {
-        return Err(format!(
-            "root must not contain `..` segments or NUL: `{raw}`"
-        ));
-    }
-    let trimmed = raw.trim_end_matches('/');
-    Ok(if trimmed.is_empty() {
-        "/".to_string()
-    } else {
-        trimmed.to_string()
-    })
-}
-
 /// Names used to build per-pool error paths; kept here so both halves agree.
 pub(super) fn pool_path(name: &str, rest: &str) -> String {
     if rest.is_empty() {
@@ -568,18 +342,4 @@ pub(super) fn pool_path(name: &str, rest: &str) -> String {
     } else {
         format!("pools.{name}.{rest}")
     }
-}
-
-/// Whether any two endpoint addresses repeat; returns (index of first, index of repeat).
-pub(super) fn first_duplicate(addrs: &[(usize, EndpointAddr)]) -> Vec<(usize, usize)> {
-    let mut seen: HashMap<&EndpointAddr, usize> = HashMap::new();
-    let mut dups = Vec::new();
-    for (i, a) in addrs {
-        if let Some(&first) = seen.get(a) {
-            dups.push((first, *i));
-        } else {
-            seen.insert(a, *i);
-        }
-    }
-    dups
 }

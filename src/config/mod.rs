@@ -1,13 +1,13 @@
 //! The config file: YAML text → `schema` (serde mirror) → `compile` → [`Config`], the
 //! ready-to-use types the rest of the proxy runs on. This module owns reading the file, the
-//! one place YAML is deserialized ([`parse_yaml`]), and how errors are printed for
+//! one place YAML is deserialized (`parse_yaml`), and how errors are printed for
 //! `fpmgate check`. It never touches the rest of the crate: a config is data, and loading
 //! one (at start or on reload) has no effect until the caller swaps it in.
 //!
 //! Every problem is reported at once, each with its YAML path and line:column. Semantic
 //! checks are collected by `compile`; schema errors (unknown keys, wrong types) stop serde
 //! at the first one, so `parse_yaml` blanks the offending entry out of the text and
-//! deserializes again, up to [`MAX_SCHEMA_ERRORS`] times.
+//! deserializes again, up to `MAX_SCHEMA_ERRORS` times.
 
 mod compile;
 mod error;
@@ -15,15 +15,23 @@ mod outline;
 mod schema;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_errors;
+#[cfg(test)]
+mod tests_schema;
+mod types;
 mod units;
 
 use std::fmt;
 use std::io::Read as _;
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::path::Path;
 
 pub use error::ConfigError;
+pub use types::{
+    AdminConfig, BalancePolicy, Config, EndpointAddr, EndpointConfig, HealthConfig,
+    KeepaliveConfig, Limits, ListenerConfig, PassiveConfig, PoolConfig, QueueConfig, RouteConfig,
+    RouteMatch, TimeoutsConfig, TlsCertConfig, VhostConfig,
+};
 pub use units::{parse_duration, parse_size};
 
 use outline::{Outline, OutlineError};
@@ -34,268 +42,6 @@ const MAX_CONFIG_BYTES: usize = 4 << 20;
 
 /// Schema errors reported before giving up on finding more.
 const MAX_SCHEMA_ERRORS: usize = 32;
-
-/// A validated configuration. Durations, sizes, addresses and regexes are parsed, defaults
-/// applied, relative paths resolved against the config file's directory.
-#[derive(Debug, Clone)]
-pub struct Config {
-    /// The file this was loaded from (as given).
-    pub path: PathBuf,
-    /// Client listeners, at least one.
-    pub listeners: Vec<ListenerConfig>,
-    /// Admin listener, if configured.
-    pub admin: Option<AdminConfig>,
-    /// Pools in file order; names are unique.
-    pub pools: Vec<PoolConfig>,
-    /// Vhosts in file order; host names are unique across them.
-    pub vhosts: Vec<VhostConfig>,
-    /// Client-side limits.
-    pub limits: Limits,
-    /// Time in-flight requests get to finish on SIGTERM.
-    pub shutdown_grace: Duration,
-    /// Runtime worker threads; `None` = one per CPU core.
-    pub workers: Option<usize>,
-}
-
-/// One client listener.
-#[derive(Debug, Clone)]
-pub struct ListenerConfig {
-    /// Address to bind.
-    pub bind: SocketAddr,
-    /// Certificates (first = default for clients without SNI); empty = plaintext.
-    pub tls: Vec<TlsCertConfig>,
-}
-
-/// A certificate/key pair; both files existed and were readable at load time.
-#[derive(Debug, Clone)]
-pub struct TlsCertConfig {
-    /// PEM certificate chain.
-    pub cert: PathBuf,
-    /// PEM private key.
-    pub key: PathBuf,
-}
-
-/// The admin listener.
-#[derive(Debug, Clone)]
-pub struct AdminConfig {
-    /// Address to bind.
-    pub bind: SocketAddr,
-    /// Bearer token required on POST endpoints, if set.
-    pub token: Option<String>,
-}
-
-/// A balancer group of FPM endpoints.
-#[derive(Debug, Clone)]
-pub struct PoolConfig {
-    /// Name from the config; the `pool` metric label.
-    pub name: String,
-    /// At least one; addresses unique within the pool.
-    pub endpoints: Vec<EndpointConfig>,
-    /// How requests are spread over endpoints.
-    pub balance: BalancePolicy,
-    /// Idle connection reuse.
-    pub keepalive: KeepaliveConfig,
-    /// Upstream timeouts.
-    pub timeouts: TimeoutsConfig,
-    /// Wait queue.
-    pub queue: QueueConfig,
-    /// Extra attempts on another endpoint, where FPM cannot have run the script.
-    pub retries: u32,
-    /// `Retry-After` seconds on this pool's 503s.
-    pub retry_after: u32,
-    /// Active ping checks; `None` = endpoints are healthy unless passively ejected.
-    pub health: Option<HealthConfig>,
-    /// Passive ejection on request failures.
-    pub passive: PassiveConfig,
-    /// FPM `pm.status_path` to scrape, if set.
-    pub status: Option<String>,
-    /// Extra FastCGI params, in file order.
-    pub params: Vec<(String, String)>,
-}
-
-/// One FPM endpoint.
-#[derive(Debug, Clone)]
-pub struct EndpointConfig {
-    /// Where to connect.
-    pub addr: EndpointAddr,
-    /// Relative share of traffic, ≥ 1.
-    pub weight: u32,
-    /// Connections (busy + idle) this proxy may hold, ≥ 1.
-    pub max_conns: usize,
-}
-
-/// Where an FPM endpoint listens. `Display` gives the canonical form (`127.0.0.1:9000`,
-/// `[::1]:9000`, `unix:/run/php/x.sock`), used as the endpoint's key and metric label.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum EndpointAddr {
-    /// A TCP address.
-    Tcp(SocketAddr),
-    /// A unix socket path (absolute).
-    Unix(PathBuf),
-}
-
-impl fmt::Display for EndpointAddr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            EndpointAddr::Tcp(addr) => write!(f, "{addr}"),
-            EndpointAddr::Unix(path) => write!(f, "unix:{}", path.display()),
-        }
-    }
-}
-
-/// Endpoint selection policy.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum BalancePolicy {
-    /// Weighted round robin.
-    RoundRobin,
-    /// Fewest in-flight requests relative to weight.
-    LeastConn,
-    /// Power of two random choices.
-    P2c,
-    /// Sticky by client IP.
-    HashClientIp,
-    /// Sticky by the value of this cookie.
-    HashCookie(String),
-}
-
-/// Idle upstream connection reuse.
-#[derive(Debug, Clone)]
-pub struct KeepaliveConfig {
-    /// Idle connections kept per endpoint (0 = no reuse); ≤ every endpoint's `max_conns`.
-    pub max_idle: usize,
-    /// Idle connections close after this.
-    pub idle_timeout: Duration,
-}
-
-/// Upstream timeouts, all non-zero.
-#[derive(Debug, Clone)]
-pub struct TimeoutsConfig {
-    /// Connecting to an endpoint.
-    pub connect: Duration,
-    /// Longest FPM silence (before the first byte and between reads).
-    pub read: Duration,
-    /// Longest a write to FPM may block.
-    pub send: Duration,
-}
-
-/// The pool's wait queue.
-#[derive(Debug, Clone)]
-pub struct QueueConfig {
-    /// Waiting requests allowed; 0 = none (503 at once when at capacity).
-    pub size: usize,
-    /// Longest wait before a 503.
-    pub timeout: Duration,
-}
-
-/// Active FastCGI ping checks.
-#[derive(Debug, Clone)]
-pub struct HealthConfig {
-    /// FPM's `ping.path`.
-    pub ping: String,
-    /// Expected body (FPM's `ping.response`).
-    pub expect: String,
-    /// Ping this port on a TCP endpoint's host instead of the endpoint's own port.
-    pub addr_port: Option<u16>,
-    /// Time between pings.
-    pub interval: Duration,
-    /// Ping timeout.
-    pub timeout: Duration,
-    /// Consecutive successes before down → up (0 = at once).
-    pub rise: u32,
-    /// Consecutive failures before up → down (≥ 1).
-    pub fall: u32,
-}
-
-/// Passive ejection: `fails` request failures within `window` eject an endpoint for `eject`.
-#[derive(Debug, Clone)]
-pub struct PassiveConfig {
-    /// Failures that eject; 0 = passive ejection off.
-    pub fails: u32,
-    /// Counting window.
-    pub window: Duration,
-    /// Ejection time.
-    pub eject: Duration,
-}
-
-/// A virtual host.
-#[derive(Debug, Clone)]
-pub struct VhostConfig {
-    /// Lowercased: exact names, `*.suffix` wildcards, or `*` (the default vhost).
-    pub hosts: Vec<String>,
-    /// Absolute document root on the FPM nodes; no trailing slash except `/` itself.
-    pub root: String,
-    /// Pool for requests no route claims (a defined pool).
-    pub pool: String,
-    /// Front controller file name (`index.php`), if set.
-    pub index: Option<String>,
-    /// Local copy of the document tree (an existing directory), if set.
-    pub static_dir: Option<PathBuf>,
-    /// Routes, first match wins.
-    pub routes: Vec<RouteConfig>,
-}
-
-/// A route: requests whose path matches go to `pool`.
-#[derive(Debug, Clone)]
-pub struct RouteConfig {
-    /// What to match the normalised path against.
-    pub matcher: RouteMatch,
-    /// A defined pool.
-    pub pool: String,
-}
-
-/// A route's path matcher.
-#[derive(Debug, Clone)]
-pub enum RouteMatch {
-    /// The path starts with this.
-    Prefix(String),
-    /// The regex matches the path.
-    Regex(regex::Regex),
-}
-
-/// Client-side limits (all non-zero).
-#[derive(Debug, Clone)]
-pub struct Limits {
-    /// Largest request body (→ 413).
-    pub max_body: u64,
-    /// Bodies past this many bytes spill to a temp file.
-    pub body_buffer: usize,
-    /// Largest request head (→ 431).
-    pub max_header_bytes: usize,
-    /// Longest request URI (→ 414).
-    pub max_uri: usize,
-    /// Largest FPM response head (→ 502).
-    pub max_response_header: usize,
-    /// Time to receive a whole request head.
-    pub header_timeout: Duration,
-    /// Idle keep-alive client connections close after this.
-    pub idle_timeout: Duration,
-    /// Longest client silence while sending a body.
-    pub body_timeout: Duration,
-    /// Concurrent client connections.
-    pub max_connections: usize,
-}
-
-impl Config {
-    /// One line for `fpmgate check`: `ok: 2 listeners, 2 pools (3 endpoints), 2 vhosts`.
-    pub fn summary(&self) -> String {
-        let endpoints: usize = self.pools.iter().map(|p| p.endpoints.len()).sum();
-        format!(
-            "ok: {}, {} ({}), {}",
-            count(self.listeners.len(), "listener"),
-            count(self.pools.len(), "pool"),
-            count(endpoints, "endpoint"),
-            count(self.vhosts.len(), "vhost"),
-        )
-    }
-}
-
-fn count(n: usize, noun: &str) -> String {
-    if n == 1 {
-        format!("1 {noun}")
-    } else {
-        format!("{n} {noun}s")
-    }
-}
 
 /// Reads, parses and validates the config file at `path`.
 pub fn load(path: &Path) -> Result<Config, Vec<ConfigError>> {
@@ -324,6 +70,9 @@ pub fn parse_str(text: &str, path: &Path) -> Result<Config, Vec<ConfigError>> {
     if text.len() > MAX_CONFIG_BYTES {
         return Err(vec![ConfigError::new("", "config is larger than 4 MiB")]);
     }
+    // Editors on some platforms prepend a BOM; it is not content, and keeping it would put
+    // blanking offsets and columns one character off.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let parsed = parse_yaml(text)?;
     let mut errors = parsed.errors;
     match compile::compile(parsed.spec, path) {
@@ -392,16 +141,20 @@ fn parse_yaml(text: &str) -> Result<ParsedYaml, Vec<ConfigError>> {
             Err(e) => e,
         };
         let tree = current_outline.as_ref().or(outline.as_ref());
-        let (error, at) = schema_error(&e, tree);
-        errors.push(error);
-        let fatal = is_resource_limit(&e) || errors.len() >= MAX_SCHEMA_ERRORS;
-        let next = match (at, tree) {
-            (Some(at), Some(tree)) if !fatal => tree.blank_entry_at(&current, at),
+        let found = schema_error(&e, tree);
+        errors.push(found.error);
+        let next = match (found.at, tree) {
+            (Some(at), Some(tree)) if !found.fatal => tree.blank_entry_at(&current, at, found.key),
             _ => None,
         };
         let Some((next, path)) = next else {
             return Err(errors);
         };
+        if errors.len() >= MAX_SCHEMA_ERRORS {
+            let notice = "too many errors; fix these and check again";
+            errors.push(ConfigError::new("", notice));
+            return Err(errors);
+        }
         // The blanked text must still be well-formed YAML; if it is not (an anchor or tag
         // left behind), report what was found so far rather than a confusing follow-up.
         match Outline::build(&next) {
@@ -433,45 +186,69 @@ fn yaml_options() -> serde_saphyr::Options {
     }
 }
 
-/// Budget and alias-limit breaches: retrying past them would only repeat the work.
-fn is_resource_limit(e: &serde_saphyr::Error) -> bool {
-    use serde_saphyr::Error as E;
-    let mut e = e.without_snippet();
-    while let E::AliasError { error, .. } = e {
-        e = error.without_snippet();
+/// One deserialization error, classified for [`parse_yaml`].
+struct SchemaError {
+    /// The error with its YAML path (when the document could be outlined).
+    error: ConfigError,
+    /// Where the parser stopped.
+    at: Option<(usize, usize)>,
+    /// The error is about the mapping key at `at` (unknown or repeated), not a value.
+    key: bool,
+    /// A budget or alias-limit breach: retrying past it would only repeat the work.
+    fatal: bool,
+}
+
+fn schema_error(e: &serde_saphyr::Error, outline: Option<&Outline>) -> SchemaError {
+    use serde_saphyr::budget::BudgetBreach;
+    use serde_saphyr::{Error as E, MessageFormatter as _};
+    let mut inner = e.without_snippet();
+    while let E::AliasError { error, .. } = inner {
+        inner = error.without_snippet();
     }
-    matches!(
-        e,
+    let key = matches!(
+        inner,
+        E::SerdeUnknownField { .. } | E::DuplicateMappingKey { .. }
+    );
+    let fatal = matches!(
+        inner,
         E::Budget { .. }
             | E::AliasReplayCounterOverflow { .. }
             | E::AliasReplayLimitExceeded { .. }
             | E::AliasExpansionLimitExceeded { .. }
             | E::AliasReplayStackDepthExceeded { .. }
-    )
-}
-
-/// A serde-saphyr error as a `ConfigError` (path from the outline), plus its position.
-fn schema_error(
-    e: &serde_saphyr::Error,
-    outline: Option<&Outline>,
-) -> (ConfigError, Option<(usize, usize)>) {
-    use serde_saphyr::MessageFormatter as _;
-    let message = serde_saphyr::DefaultMessageFormatter.format_message(e.without_snippet());
-    let message = match message.strip_prefix("invalid ") {
-        Some(ty @ ("u16" | "u32" | "u64" | "usize")) => {
-            format!("expected a non-negative whole number (invalid {ty})")
+    );
+    let default = serde_saphyr::DefaultMessageFormatter.format_message(inner);
+    // serde-saphyr words some errors for Rust developers; say them in config terms.
+    let message = match (inner, default.as_ref()) {
+        (E::Budget { breach: BudgetBreach::Documents { .. }, .. }, _) => {
+            "only one YAML document is allowed (remove the `---` separator)".to_string()
         }
-        _ => message.into_owned(),
+        (E::Budget { breach, .. }, _) => format!(
+            "YAML safety limit exceeded ({breach:?}): a config needs no deep nesting or alias fan-out"
+        ),
+        (_, "expected sequence start") => "expected a list".to_string(),
+        (_, "expected mapping start") => "expected a mapping of keys to values".to_string(),
+        (_, "expected string scalar") => "expected a single value, not a list or mapping".to_string(),
+        (_, m) => match m.strip_prefix("invalid ") {
+            Some(ty @ ("u16" | "u32" | "u64" | "usize")) => {
+                format!("expected a non-negative whole number (invalid {ty})")
+            }
+            _ => m.to_string(),
+        },
     };
     let at = e
         .location()
         .filter(|l| l.line() > 0)
         .map(|l| (l.line() as usize, l.column() as usize));
     let path = at
-        .and_then(|at| outline?.path_at(at))
-        .unwrap_or_default()
-        .to_string();
-    (ConfigError::new(path, message).at(at), at)
+        .and_then(|at| outline?.path_at(at, key))
+        .unwrap_or_default();
+    SchemaError {
+        error: ConfigError::new(path, message).at(at),
+        at,
+        key,
+        fatal,
+    }
 }
 
 /// Renders errors for `fpmgate check`: one `file:line:col: yaml.path: message` line each

@@ -203,14 +203,21 @@ impl Outline {
         }
     }
 
-    /// YAML path of the innermost node or entry containing `at`.
-    pub fn path_at(&self, at: Pos) -> Option<&str> {
+    /// YAML path of what an error at `at` is about. With `key`, the error concerns the
+    /// mapping key there (unknown or repeated key); otherwise the node there, which for a
+    /// block mapping starts where its own first key does, hence the outermost node.
+    pub fn path_at(&self, at: Pos, key: bool) -> Option<&str> {
+        if !key {
+            if let Some(n) = self.nodes.iter().find(|n| n.start == at && n.end > n.start) {
+                return Some(&n.path);
+            }
+        }
         let node = self
             .nodes
             .iter()
             .filter(|n| contains(n, at))
             .max_by_key(|n| n.start);
-        let entry = self.innermost_entry(at).map(|e| &e.range);
+        let entry = self.innermost_entry(at, key).map(|e| &e.range);
         match (node, entry) {
             (Some(n), Some(e)) if e.start > n.start => Some(&e.path),
             (Some(n), _) => Some(&n.path),
@@ -233,18 +240,20 @@ impl Outline {
         }
     }
 
-    fn innermost_entry(&self, at: Pos) -> Option<&Entry> {
+    /// The innermost entry holding `at`; for a value error (`key` false) one whose key
+    /// lies before `at`, so a bad value blanks its own entry, not its first inner key.
+    fn innermost_entry(&self, at: Pos, key: bool) -> Option<&Entry> {
         self.entries
             .iter()
-            .filter(|e| contains(&e.range, at))
+            .filter(|e| contains(&e.range, at) && (key || e.range.start < at))
             .max_by_key(|e| e.range.start)
     }
 
-    /// `text` with the innermost entry containing `at` replaced by spaces (line breaks kept,
+    /// `text` with the entry an error at `at` belongs to replaced by spaces (line breaks kept,
     /// so every other line and column stays put), plus that entry's path. A block mapping
     /// left with no entries gets `{}` so it stays a mapping rather than turning into null.
-    pub fn blank_entry_at(&self, text: &str, at: Pos) -> Option<(String, String)> {
-        let entry = self.innermost_entry(at)?;
+    pub fn blank_entry_at(&self, text: &str, at: Pos, key: bool) -> Option<(String, String)> {
+        let entry = self.innermost_entry(at, key)?;
         let r = &entry.range;
         if r.end_char < r.start_char + 2 {
             return None;

@@ -206,7 +206,7 @@ pub struct RouteSpec {
 }
 
 /// `limits:`.
-#[derive(Debug, serde::Deserialize)]
+#[derive(Debug, Default, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsSpec {
     /// Largest request body (→ 413). Default `100MiB`.

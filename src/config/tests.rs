@@ -95,6 +95,11 @@ pub(super) fn assert_error(
     );
 }
 
+/// MINIMAL with `extra` inserted as pool keys (indented 4) before `endpoints:`.
+pub(super) fn with_pool_keys(extra: &str) -> String {
+    MINIMAL.replace("    endpoints:", &format!("{extra}    endpoints:"))
+}
+
 /// A valid minimal config the error tests start from.
 pub(super) const MINIMAL: &str = "\
 listen:
@@ -109,7 +114,7 @@ vhosts:
     pool: app
 ";
 
-const SPEC_EXAMPLE: &str = r#"
+pub(super) const SPEC_EXAMPLE: &str = r#"
 listen:
   - bind: 0.0.0.0:8080                 # plain HTTP/1.1 (+ h2c with prior knowledge)
   - bind: 0.0.0.0:8443

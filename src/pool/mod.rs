@@ -214,7 +214,9 @@ impl Pool {
                         && e.is_available()
                         && e.busy() < e.max_conns()
                 };
-                let i = self.balancer.pick(cands, &eligible, key)?;
+                let Some(i) = self.balancer.pick(cands, &eligible, key) else {
+                    break;
+                };
                 if let Some(slot) = self.endpoints[i].try_reserve() {
                     return Some((i, slot));
                 }

@@ -1,23 +1,21 @@
 //! Compiling `pools:`: endpoint addresses and capacities, balance policy, keepalive,
 //! timeouts, queue, active health checks and passive ejection, with their defaults.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
-use super::{first_duplicate, loc, parse_socket_addr, pool_path, Ctx};
-use crate::config::schema::{HealthSpec, PoolSpec, Text};
-use crate::config::{
+use super::super::schema::{HealthSpec, PoolSpec, Text};
+use super::super::{
     BalancePolicy, EndpointAddr, EndpointConfig, HealthConfig, KeepaliveConfig, PassiveConfig,
     PoolConfig, QueueConfig, TimeoutsConfig,
 };
+use super::{loc, parse_socket_addr, pool_path, Ctx};
 
 /// `sun_path` holds 108 bytes including the terminating NUL.
 const MAX_UNIX_PATH: usize = 107;
 
 /// Compiles every pool, recording errors in `cx`.
-pub(in crate::config) fn compile_pools(
-    cx: &mut Ctx,
-    specs: Vec<(String, PoolSpec)>,
-) -> Vec<PoolConfig> {
+pub(super) fn compile_pools(cx: &mut Ctx, specs: Vec<(String, PoolSpec)>) -> Vec<PoolConfig> {
     let mut out = Vec::new();
     for (name, spec) in specs {
         if name.trim().is_empty() {
@@ -39,7 +37,8 @@ fn compile_pool(cx: &mut Ctx, name: &str, spec: PoolSpec) -> PoolConfig {
         );
     }
     let mut endpoints = Vec::new();
-    let mut addrs = Vec::new();
+    // Endpoints are keyed by address (metrics, reload carry-over), so one may appear once.
+    let mut seen: HashMap<EndpointAddr, usize> = HashMap::new();
     for (i, e) in endpoint_specs.into_iter().enumerate() {
         let p = path(&format!("endpoints[{i}]"));
         let addr = cx
@@ -71,27 +70,18 @@ fn compile_pool(cx: &mut Ctx, name: &str, spec: PoolSpec) -> PoolConfig {
             None => 16,
         };
         if let Some(addr) = addr {
-            addrs.push((i, addr.clone(), e.addr.as_ref().and_then(loc)));
+            if let Some(first) = seen.get(&addr) {
+                let message = format!("duplicate endpoint `{addr}` (also endpoints[{first}])");
+                cx.err(&format!("{p}.addr"), e.addr.as_ref().and_then(loc), message);
+            } else {
+                seen.insert(addr.clone(), i);
+            }
             endpoints.push(EndpointConfig {
                 addr,
                 weight,
                 max_conns,
             });
         }
-    }
-    let keyed: Vec<(usize, EndpointAddr)> = addrs.iter().map(|(i, a, _)| (*i, a.clone())).collect();
-    for (first, dup) in first_duplicate(&keyed) {
-        let at = addrs
-            .iter()
-            .find(|(i, ..)| *i == dup)
-            .and_then(|(.., at)| *at);
-        let addr = &keyed
-            .iter()
-            .find(|(i, _)| *i == dup)
-            .map(|(_, a)| a.to_string())
-            .unwrap_or_default();
-        let message = format!("duplicate endpoint `{addr}` (also endpoints[{first}])");
-        cx.err(&path(&format!("endpoints[{dup}].addr")), at, message);
     }
 
     let balance = match &spec.balance {
@@ -162,7 +152,7 @@ fn compile_pool(cx: &mut Ctx, name: &str, spec: PoolSpec) -> PoolConfig {
         .map(|h| compile_health(cx, name, h, &endpoints));
     let passive = compile_passive(cx, name, spec.health.as_ref());
 
-    let status = spec.status.as_ref().and_then(|s| {
+    let status = spec.status.as_ref().map(|s| {
         if !s.value.starts_with('/') {
             cx.err(
                 &path("status"),
@@ -170,7 +160,7 @@ fn compile_pool(cx: &mut Ctx, name: &str, spec: PoolSpec) -> PoolConfig {
                 "status must be FPM's pm.status_path, starting with `/`",
             );
         }
-        Some(s.value.clone())
+        s.value.clone()
     });
     let params = spec.params.unwrap_or_default().0;
     for (k, _) in &params {
@@ -218,7 +208,7 @@ fn compile_health(
         Some(p) => p.value.clone(),
         None => "/ping".to_string(),
     };
-    let addr_port = h.addr_port.as_ref().and_then(|port| {
+    let addr_port = h.addr_port.as_ref().map(|port| {
         if port.value == 0 {
             cx.err(
                 &path("addr_port"),
@@ -237,7 +227,7 @@ fn compile_health(
             );
             cx.err(&path("addr_port"), loc(port), message);
         }
-        Some(port.value)
+        port.value
     });
     let fall = match &h.fall {
         Some(f) if f.value == 0 => {

@@ -1,0 +1,168 @@
+//! Applying a new config while serving: parse and compile it (certificates included) beside
+//! the running runtime, then swap it in with one store. A config that fails anywhere is
+//! rejected whole: logged with its line numbers, counted, shown in `/status`, and the old
+//! runtime keeps serving.
+//!
+//! Triggers (SIGHUP, the file changing on disk) live in the app; this module only decides
+//! whether what is on disk differs from what runs, and applies it.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use crate::app::load_config;
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::runtime::{self, Shared};
+use crate::tls::{CertSet, SniResolver};
+
+/// Seconds since the Unix epoch, for the last-success gauge.
+pub fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// A hash over the config file and every certificate and key it names. Editors, ConfigMap
+/// symlink swaps and certificate renewals all change one of these, whatever the file events
+/// said (or did not say, on NFS).
+fn fingerprint(path: &Path, cfg: Option<&Config>) -> Option<u64> {
+    let mut h = crate::pool::balance::hash_bytes(&std::fs::read(path).ok()?);
+    if let Some(cfg) = cfg {
+        for l in &cfg.listeners {
+            for t in &l.tls {
+                for f in [&t.cert, &t.key] {
+                    let bytes = std::fs::read(f).unwrap_or_default();
+                    h = crate::pool::balance::mix(h ^ crate::pool::balance::hash_bytes(&bytes));
+                }
+            }
+        }
+    }
+    Some(h)
+}
+
+/// Reloads the config on demand.
+pub struct Reloader {
+    path: PathBuf,
+    shared: Shared,
+    metrics: Arc<Metrics>,
+    last_error: Arc<Mutex<Option<String>>>,
+    last_hash: Mutex<u64>,
+    resolvers: Vec<(SocketAddr, Arc<SniResolver>)>,
+}
+
+impl Reloader {
+    /// A reloader for the running runtime; `resolvers` are the TLS listeners' certificate
+    /// resolvers by bind address.
+    pub fn new(
+        path: PathBuf,
+        shared: Shared,
+        metrics: Arc<Metrics>,
+        last_error: Arc<Mutex<Option<String>>>,
+        resolvers: Vec<(SocketAddr, Arc<SniResolver>)>,
+    ) -> Reloader {
+        let hash = fingerprint(&path, Some(&shared.load().config)).unwrap_or(0);
+        Reloader {
+            path,
+            shared,
+            metrics,
+            last_error,
+            last_hash: Mutex::new(hash),
+            resolvers,
+        }
+    }
+
+    fn set_hash(&self, h: Option<u64>) {
+        if let Some(h) = h {
+            *self.last_hash.lock().unwrap_or_else(|e| e.into_inner()) = h;
+        }
+    }
+
+    /// True when the file (or a certificate it names) differs from what was last applied or
+    /// rejected.
+    pub fn changed_on_disk(&self) -> bool {
+        let cfg = self.shared.load();
+        match fingerprint(&self.path, Some(&cfg.config)) {
+            Some(h) => h != *self.last_hash.lock().unwrap_or_else(|e| e.into_inner()),
+            None => false,
+        }
+    }
+
+    /// Parses, compiles and applies the file. Returns whether the new config is running.
+    pub fn reload(&self, why: &str) -> bool {
+        match load_config(&self.path) {
+            Ok(cfg) => {
+                let hash = fingerprint(&self.path, Some(&cfg));
+                let old = self.shared.load_full();
+                let binds = |c: &Config| {
+                    c.listeners
+                        .iter()
+                        .map(|l| (l.bind, l.tls.is_empty()))
+                        .collect::<Vec<_>>()
+                };
+                if binds(&cfg) != binds(&old.config) {
+                    tracing::warn!("listener changes take effect at the next restart; other changes are applied");
+                }
+                // New certificates for listeners that keep running; load_config has checked
+                // them already, so a failure here is a file changing under us.
+                let mut sets = Vec::new();
+                for (bind, resolver) in &self.resolvers {
+                    if let Some(l) = cfg
+                        .listeners
+                        .iter()
+                        .find(|l| l.bind == *bind && !l.tls.is_empty())
+                    {
+                        match CertSet::load(&l.tls) {
+                            Ok(set) => sets.push((resolver.clone(), set)),
+                            Err(errs) => {
+                                let msg = errs
+                                    .into_iter()
+                                    .map(|e| e.message)
+                                    .collect::<Vec<_>>()
+                                    .join("; ");
+                                return self.reject(why, format!("listener {bind}: {msg}"), hash);
+                            }
+                        }
+                    }
+                }
+                let generation = old.generation + 1;
+                let new = runtime::build(cfg, Some(&old), &self.metrics, generation);
+                self.shared.store(Arc::new(new));
+                for (resolver, set) in sets {
+                    resolver.swap(set);
+                }
+                self.metrics
+                    .config_reloads
+                    .with_label_values(&["success"])
+                    .inc();
+                self.metrics.config_last_success.set(unix_now());
+                self.metrics.config_last_successful.set(1);
+                *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                self.set_hash(hash);
+                tracing::info!(generation, trigger = why, "config reloaded");
+                true
+            }
+            Err(errors) => {
+                let hash = fingerprint(&self.path, Some(&self.shared.load().config));
+                self.reject(why, errors, hash)
+            }
+        }
+    }
+
+    fn reject(&self, why: &str, errors: String, hash: Option<u64>) -> bool {
+        self.metrics
+            .config_reloads
+            .with_label_values(&["failure"])
+            .inc();
+        self.metrics.config_last_successful.set(0);
+        // Remember the broken content so the poll does not retry it every tick.
+        self.set_hash(hash);
+        tracing::warn!(
+            trigger = why,
+            "config reload rejected; the running config keeps serving:\n{errors}"
+        );
+        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(errors);
+        false
+    }
+}

@@ -1,0 +1,361 @@
+//! Every error status the proxy produces, against real PHP-FPM where FPM can produce the
+//! fault and against a misbehaving FastCGI server where it cannot. Each case also checks the
+//! cause label of `fpmgate_gateway_errors_total`.
+
+mod fake;
+mod support;
+
+use std::time::{Duration, Instant};
+
+use fake::{FakeFpm, Mode};
+use support::{client, free_port, php_root, shared_fpm, Gate};
+
+fn gate(endpoint: &str, pool_extra: &str, top_extra: &str) -> Gate {
+    Gate::start(&format!(
+        r#"
+listen: [ {{ bind: "127.0.0.1:0" }} ]
+admin: {{ bind: "127.0.0.1:0" }}
+pools:
+  main:
+    endpoints: [ {{ addr: "{endpoint}" }} ]
+{pool_extra}
+vhosts:
+  - hosts: ["*"]
+    root: {root}
+    pool: main
+    index: index.php
+{top_extra}
+"#,
+        root = php_root().display()
+    ))
+}
+
+async fn metrics(g: &Gate) -> String {
+    client()
+        .get(g.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+async fn gateway_errors(g: &Gate, code: u16, cause: &str) -> u64 {
+    let m = metrics(g).await;
+    let needle = format!("code=\"{code}\"");
+    let cause = format!("cause=\"{cause}\"");
+    m.lines()
+        .filter(|l| {
+            l.starts_with("fpmgate_gateway_errors_total{")
+                && l.contains(&needle)
+                && l.contains(&cause)
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+async fn get_status(g: &Gate, path: &str) -> u16 {
+    client()
+        .get(g.url(path))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+#[tokio::test]
+async fn connection_refused_is_502_connect() {
+    let g = gate(&format!("127.0.0.1:{}", free_port()), "", "");
+    assert_eq!(get_status(&g, "/x.php").await, 502);
+    assert_eq!(gateway_errors(&g, 502, "connect").await, 1);
+}
+
+#[tokio::test]
+async fn garbage_from_fpm_is_502_protocol() {
+    let f = FakeFpm::start(Mode::Garbage);
+    let g = gate(&f.addr.to_string(), "", "");
+    assert_eq!(get_status(&g, "/x.php").await, 502);
+    assert_eq!(gateway_errors(&g, 502, "protocol").await, 1);
+}
+
+#[tokio::test]
+async fn unknown_record_bad_status_and_short_record_are_502() {
+    for (mode, cause) in [
+        (Mode::UnknownRecord, "protocol"),
+        (Mode::BadStatus, "protocol"),
+        (Mode::ShortRecord, "reset"),
+    ] {
+        let f = FakeFpm::start(mode);
+        let g = gate(&f.addr.to_string(), "    retries: 0", "");
+        assert_eq!(get_status(&g, "/x.php").await, 502, "{mode:?}");
+        assert_eq!(gateway_errors(&g, 502, cause).await, 1, "{mode:?}");
+    }
+}
+
+#[tokio::test]
+async fn reset_before_response_retries_get_but_never_post() {
+    let f = FakeFpm::start(Mode::CloseBeforeResponse);
+    let g = gate(&f.addr.to_string(), "    retries: 1", "");
+    assert_eq!(get_status(&g, "/x.php").await, 502);
+    // A GET may be retried (nginx's rule): two requests reached the server.
+    assert_eq!(f.requests.load(std::sync::atomic::Ordering::SeqCst), 2);
+    let status = client()
+        .post(g.url("/x.php"))
+        .body("x")
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status, 502);
+    // A POST on a fresh connection is never retried: FPM may have run it.
+    assert_eq!(f.requests.load(std::sync::atomic::Ordering::SeqCst), 3);
+    assert_eq!(gateway_errors(&g, 502, "reset").await, 2);
+}
+
+#[tokio::test]
+async fn truncated_response_is_not_a_short_success() {
+    let f = FakeFpm::start(Mode::TruncateBody);
+    let g = gate(&f.addr.to_string(), "", "");
+    let resp = client().get(g.url("/x.php")).send().await.unwrap();
+    assert_eq!(resp.status(), 200, "the head was complete");
+    assert!(
+        resp.bytes().await.is_err(),
+        "the client must see the body fail, not end cleanly"
+    );
+}
+
+#[tokio::test]
+async fn oversized_response_head_is_502_header_too_big() {
+    let f = FakeFpm::start(Mode::HugeHead(100_000));
+    let g = gate(
+        &f.addr.to_string(),
+        "",
+        "limits: { max_response_header: 16KiB }",
+    );
+    assert_eq!(get_status(&g, "/x.php").await, 502);
+    assert_eq!(gateway_errors(&g, 502, "header_too_big").await, 1);
+    // Real PHP too: a 40 KB header under a 16 KiB limit.
+    let g = gate(
+        &shared_fpm().endpoint(),
+        "",
+        "limits: { max_response_header: 16KiB }",
+    );
+    assert_eq!(get_status(&g, "/header_big.php?bytes=40000").await, 502);
+    assert_eq!(get_status(&g, "/header_big.php?bytes=1000").await, 200);
+}
+
+#[tokio::test]
+async fn records_after_end_request_close_the_connection() {
+    let f = FakeFpm::start(Mode::StdoutAfterEnd);
+    let g = gate(&f.addr.to_string(), "", "");
+    for _ in 0..3 {
+        let resp = client().get(g.url("/x.php")).send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.text().await.unwrap(), "ok");
+    }
+    // The dirty connection is never reused.
+    assert_eq!(f.accepted.load(std::sync::atomic::Ordering::SeqCst), 3);
+}
+
+#[tokio::test]
+async fn overloaded_is_503() {
+    let f = FakeFpm::start(Mode::Overloaded);
+    let g = gate(&f.addr.to_string(), "", "");
+    let resp = client().get(g.url("/x.php")).send().await.unwrap();
+    assert_eq!(resp.status(), 503);
+    assert_eq!(resp.headers()["retry-after"], "1");
+}
+
+#[tokio::test]
+async fn silent_fpm_is_504_read_timeout() {
+    let f = FakeFpm::start(Mode::Silent);
+    let g = gate(
+        &f.addr.to_string(),
+        "    timeouts: { read: 500ms }\n    retries: 0",
+        "",
+    );
+    let t = Instant::now();
+    assert_eq!(get_status(&g, "/x.php").await, 504);
+    assert!(t.elapsed() < Duration::from_secs(3));
+    // Real PHP: a script slower than the read timeout.
+    let g = gate(
+        &shared_fpm().endpoint(),
+        "    timeouts: { read: 500ms }",
+        "",
+    );
+    for _ in 0..3 {
+        assert_eq!(get_status(&g, "/sleep.php?ms=1500").await, 504);
+    }
+    assert_eq!(gateway_errors(&g, 504, "read_timeout").await, 3);
+}
+
+#[tokio::test]
+async fn body_over_max_body_is_413() {
+    let g = gate(
+        &shared_fpm().endpoint(),
+        "",
+        "limits: { max_body: 1KiB, body_buffer: 512B }",
+    );
+    let c = client();
+    let ok = c
+        .post(g.url("/body.php"))
+        .body(vec![b'a'; 1024])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200);
+    let declared = c
+        .post(g.url("/body.php"))
+        .body(vec![b'a'; 1025])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(declared.status(), 413);
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+        (0..4).map(|_| Ok(vec![b'b'; 400])).collect();
+    let chunked = c
+        .post(g.url("/body.php"))
+        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
+            chunks,
+        )))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(chunked.status(), 413);
+}
+
+#[tokio::test]
+async fn oversized_head_uri_and_host_are_rejected() {
+    let g = gate(
+        &shared_fpm().endpoint(),
+        "",
+        "limits: { max_header_bytes: 8KiB, max_uri: 1KiB }",
+    );
+    let c = client();
+    let resp = c
+        .get(g.url("/server.php"))
+        .header("X-Big", "a".repeat(20_000))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 431);
+    let resp = c
+        .get(g.url(&format!("/server.php?q={}", "a".repeat(2000))))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 414);
+    let resp = c
+        .get(g.url("/server.php"))
+        .header("Host", "bad host/x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+}
+
+#[tokio::test]
+async fn unknown_vhost_without_default_is_404() {
+    let g = Gate::start(&format!(
+        r#"
+listen: [ {{ bind: "127.0.0.1:0" }} ]
+pools:
+  main:
+    endpoints: [ {{ addr: "{}" }} ]
+vhosts:
+  - hosts: [shop.test]
+    root: {}
+    pool: main
+"#,
+        shared_fpm().endpoint(),
+        php_root().display()
+    ));
+    assert_eq!(get_status(&g, "/server.php").await, 404);
+    let resp = client()
+        .get(g.url("/server.php"))
+        .header("Host", "shop.test:1234")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+}
+
+#[tokio::test]
+async fn full_queue_is_503_at_once_and_queued_requests_are_served() {
+    let g = gate(
+        &shared_fpm().endpoint(),
+        "    queue: { size: 1, timeout: 5s }\n    retry_after: 7",
+        "",
+    );
+    // max_conns 16 by default: take it down to 1 with a dedicated config.
+    drop(g);
+    let g = Gate::start(&format!(
+        r#"
+listen: [ {{ bind: "127.0.0.1:0" }} ]
+admin: {{ bind: "127.0.0.1:0" }}
+pools:
+  main:
+    endpoints: [ {{ addr: "{}", max_conns: 1 }} ]
+    queue: {{ size: 1, timeout: 5s }}
+    retry_after: 7
+vhosts:
+  - hosts: ["*"]
+    root: {}
+    pool: main
+"#,
+        shared_fpm().endpoint(),
+        php_root().display()
+    ));
+    let c = client();
+    let first = tokio::spawn(c.get(g.url("/sleep.php?ms=800")).send());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let second = tokio::spawn(c.get(g.url("/sleep.php?ms=10")).send());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let t = Instant::now();
+    let third = c.get(g.url("/sleep.php?ms=10")).send().await.unwrap();
+    assert_eq!(third.status(), 503);
+    assert_eq!(third.headers()["retry-after"], "7");
+    assert!(
+        t.elapsed() < Duration::from_millis(300),
+        "a full queue answers at once"
+    );
+    assert_eq!(first.await.unwrap().unwrap().status(), 200);
+    assert_eq!(
+        second.await.unwrap().unwrap().status(),
+        200,
+        "the queued request is served"
+    );
+    assert_eq!(gateway_errors(&g, 503, "queue_full").await, 1);
+
+    // Queue timeout: a waiter gives up after queue.timeout.
+    let g2 = Gate::start(&format!(
+        r#"
+listen: [ {{ bind: "127.0.0.1:0" }} ]
+admin: {{ bind: "127.0.0.1:0" }}
+pools:
+  main:
+    endpoints: [ {{ addr: "{}", max_conns: 1 }} ]
+    queue: {{ size: 4, timeout: 300ms }}
+vhosts:
+  - hosts: ["*"]
+    root: {}
+    pool: main
+"#,
+        shared_fpm().endpoint(),
+        php_root().display()
+    ));
+    let slow = tokio::spawn(c.get(g2.url("/sleep.php?ms=1200")).send());
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let t = Instant::now();
+    let waited = c.get(g2.url("/sleep.php?ms=10")).send().await.unwrap();
+    assert_eq!(waited.status(), 503);
+    let e = t.elapsed();
+    assert!(
+        e >= Duration::from_millis(250) && e < Duration::from_millis(1000),
+        "{e:?}"
+    );
+    assert_eq!(slow.await.unwrap().unwrap().status(), 200);
+    assert_eq!(gateway_errors(&g2, 503, "queue_timeout").await, 1);
+}

@@ -1,0 +1,168 @@
+//! A misbehaving FastCGI server for the faults PHP-FPM cannot produce on demand: garbage,
+//! resets mid-response, oversized heads, silence, records after END_REQUEST. Built on
+//! fpmgate's own codec; runs on its own thread so it outlives any test runtime.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use fpmgate::fastcgi::codec::{self, ProtocolStatus, RecordType};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// What the server does with each request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// A proper 200 "ok" response, keeping the connection when asked.
+    Good,
+    /// Answers with bytes that are not FastCGI.
+    Garbage,
+    /// Reads the request, then closes without a byte.
+    CloseBeforeResponse,
+    /// Sends the head and part of the body, then closes before END_REQUEST.
+    TruncateBody,
+    /// Sends a response head of the given size.
+    HugeHead(usize),
+    /// Reads the request and never answers.
+    Silent,
+    /// A normal response, then an extra STDOUT record after END_REQUEST.
+    StdoutAfterEnd,
+    /// An unknown record type before the head.
+    UnknownRecord,
+    /// `Status: abc`.
+    BadStatus,
+    /// END_REQUEST with FCGI_OVERLOADED and no output.
+    Overloaded,
+    /// Sends a record header claiming 65535 bytes, then closes.
+    ShortRecord,
+}
+
+/// A running fake server.
+pub struct FakeFpm {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Connections accepted so far.
+    pub accepted: Arc<AtomicUsize>,
+    /// Requests fully read so far.
+    pub requests: Arc<AtomicUsize>,
+}
+
+impl FakeFpm {
+    /// Starts a server answering every request with `mode`.
+    pub fn start(mode: Mode) -> FakeFpm {
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let requests = Arc::new(AtomicUsize::new(0));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (a, r) = (accepted.clone(), requests.clone());
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                tx.send(l.local_addr().unwrap()).unwrap();
+                loop {
+                    let Ok((s, _)) = l.accept().await else {
+                        continue;
+                    };
+                    a.fetch_add(1, Ordering::SeqCst);
+                    let r = r.clone();
+                    tokio::spawn(async move {
+                        let _ = serve(s, mode, r).await;
+                    });
+                }
+            });
+        });
+        let addr = rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("fake FPM started");
+        FakeFpm {
+            addr,
+            accepted,
+            requests,
+        }
+    }
+}
+
+/// Reads one request (through the empty STDIN). Returns false on EOF.
+async fn read_request(s: &mut TcpStream, buf: &mut BytesMut) -> std::io::Result<bool> {
+    loop {
+        while let Some(rec) =
+            codec::decode_record(buf).map_err(|e| std::io::Error::other(e.to_string()))?
+        {
+            if rec.kind == RecordType::Stdin && rec.content.is_empty() {
+                return Ok(true);
+            }
+        }
+        if s.read_buf(buf).await? == 0 {
+            return Ok(false);
+        }
+    }
+}
+
+fn stdout(out: &mut BytesMut, data: &[u8]) {
+    codec::put_record(out, RecordType::Stdout, 1, data);
+}
+
+async fn serve(mut s: TcpStream, mode: Mode, requests: Arc<AtomicUsize>) -> std::io::Result<()> {
+    let mut buf = BytesMut::with_capacity(65536);
+    while read_request(&mut s, &mut buf).await? {
+        requests.fetch_add(1, Ordering::SeqCst);
+        let mut out = BytesMut::new();
+        match mode {
+            Mode::Good => {
+                stdout(&mut out, b"Content-Type: text/plain\r\n\r\nok");
+                codec::put_record(&mut out, RecordType::Stdout, 1, b"");
+                codec::put_end_request(&mut out, 1, 0, ProtocolStatus::RequestComplete);
+            }
+            Mode::Garbage => {
+                out.extend_from_slice(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi")
+            }
+            Mode::CloseBeforeResponse => return Ok(()),
+            Mode::TruncateBody => {
+                stdout(&mut out, b"Content-Type: text/plain\r\n\r\npartial body");
+                s.write_all(&out).await?;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                return Ok(());
+            }
+            Mode::HugeHead(n) => {
+                let mut head = b"X-Big: ".to_vec();
+                head.extend(std::iter::repeat_n(b'a', n));
+                head.extend_from_slice(b"\r\n\r\nok");
+                stdout(&mut out, &head);
+                codec::put_end_request(&mut out, 1, 0, ProtocolStatus::RequestComplete);
+            }
+            Mode::Silent => {
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+                return Ok(());
+            }
+            Mode::StdoutAfterEnd => {
+                stdout(&mut out, b"Content-Type: text/plain\r\n\r\nok");
+                codec::put_end_request(&mut out, 1, 0, ProtocolStatus::RequestComplete);
+                stdout(&mut out, b"sneaky");
+            }
+            Mode::UnknownRecord => {
+                codec::put_record(&mut out, RecordType::Other(42), 1, b"??");
+                stdout(&mut out, b"Content-Type: text/plain\r\n\r\nok");
+                codec::put_end_request(&mut out, 1, 0, ProtocolStatus::RequestComplete);
+            }
+            Mode::BadStatus => {
+                stdout(&mut out, b"Status: abc\r\n\r\nok");
+                codec::put_end_request(&mut out, 1, 0, ProtocolStatus::RequestComplete);
+            }
+            Mode::Overloaded => codec::put_end_request(&mut out, 1, 0, ProtocolStatus::Overloaded),
+            Mode::ShortRecord => {
+                out.extend_from_slice(&codec::record_header(RecordType::Stdout, 1, 65535, 0));
+                out.extend_from_slice(b"Content-Type: text/plain\r\n\r\n");
+                s.write_all(&out).await?;
+                return Ok(());
+            }
+        }
+        s.write_all(&out).await?;
+    }
+    Ok(())
+}

@@ -1,0 +1,4 @@
+<?php
+// The worker's pid: tells which worker (and, with max_requests, which generation) served.
+header('Content-Type: text/plain');
+echo getmypid();
