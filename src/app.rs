@@ -21,10 +21,6 @@ use crate::reload::{unix_now, Reloader};
 use crate::runtime::{self, Shared};
 use crate::tls;
 
-/// How often the config file's content is compared with what is running, as a safety net
-/// for file systems and mounts that emit no change events.
-const POLL_INTERVAL: Duration = Duration::from_secs(2);
-
 /// Loads the config or returns the formatted list of every error in it.
 pub fn load_config(path: &Path) -> Result<Config, String> {
     let cfg = config::load(path).map_err(|errs| config::format_errors(path, &errs))?;
@@ -156,24 +152,7 @@ async fn serve(path: PathBuf, config: Config) -> anyhow::Result<()> {
         last_error,
         resolvers,
     ));
-    {
-        let reloader = reloader.clone();
-        let token = shutdown.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(POLL_INTERVAL);
-            loop {
-                tokio::select! {
-                    _ = token.cancelled() => return,
-                    _ = tick.tick() => {
-                        if reloader.changed_on_disk() {
-                            let r = reloader.clone();
-                            let _ = tokio::task::spawn_blocking(move || r.reload("file changed")).await;
-                        }
-                    }
-                }
-            }
-        });
-    }
+    tokio::spawn(crate::reload::watch(reloader.clone(), shutdown.clone()));
 
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;

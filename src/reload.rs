@@ -10,6 +10,11 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use std::time::Duration;
+
+use notify::Watcher as _;
+use tokio_util::sync::CancellationToken;
+
 use crate::app::load_config;
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -40,6 +45,59 @@ fn fingerprint(path: &Path, cfg: Option<&Config>) -> Option<u64> {
         }
     }
     Some(h)
+}
+
+/// How often the files are compared with what runs even without change events (NFS and
+/// some overlay mounts emit none).
+const POLL_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Events come in bursts (an editor's write + rename, a ConfigMap's symlink dance): wait
+/// this long after the first before looking.
+const DEBOUNCE: Duration = Duration::from_millis(150);
+
+/// Watches the directories holding the config file and its certificates, and polls, then
+/// reloads when their content changed. Directories, not files: editors and Kubernetes
+/// replace files by rename, which a watch on the file itself would lose.
+pub async fn watch(reloader: Arc<Reloader>, token: CancellationToken) {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        if res.is_ok() {
+            let _ = tx.send(());
+        }
+    });
+    // Kept alive for the life of this task; dropping it stops the events.
+    let _watcher = match watcher {
+        Ok(mut w) => {
+            for dir in reloader.watched_dirs() {
+                if let Err(e) = w.watch(&dir, notify::RecursiveMode::NonRecursive) {
+                    tracing::warn!(dir = %dir.display(), "cannot watch for config changes ({e}); polling only");
+                }
+            }
+            Some(w)
+        }
+        Err(e) => {
+            tracing::warn!(
+                "file watching unavailable ({e}); polling the config every {POLL_INTERVAL:?}"
+            );
+            None
+        }
+    };
+    let mut tick = tokio::time::interval(POLL_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = token.cancelled() => return,
+            _ = tick.tick() => {}
+            Some(()) = rx.recv() => {
+                tokio::time::sleep(DEBOUNCE).await;
+                while rx.try_recv().is_ok() {}
+            }
+        }
+        if reloader.changed_on_disk() {
+            let r = reloader.clone();
+            let _ = tokio::task::spawn_blocking(move || r.reload("file changed")).await;
+        }
+    }
 }
 
 /// Reloads the config on demand.
@@ -77,6 +135,26 @@ impl Reloader {
         if let Some(h) = h {
             *self.last_hash.lock().unwrap_or_else(|e| e.into_inner()) = h;
         }
+    }
+
+    /// The directories to watch: the config file's (as given, not resolved: a ConfigMap's
+    /// `..data` symlink swap happens there) and each certificate's.
+    pub fn watched_dirs(&self) -> Vec<PathBuf> {
+        let mut dirs = Vec::new();
+        let parent = |p: &Path| match p.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        dirs.push(parent(&self.path));
+        for l in &self.shared.load().config.listeners {
+            for t in &l.tls {
+                dirs.push(parent(&t.cert));
+                dirs.push(parent(&t.key));
+            }
+        }
+        dirs.sort();
+        dirs.dedup();
+        dirs
     }
 
     /// True when the file (or a certificate it names) differs from what was last applied or

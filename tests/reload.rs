@@ -1,0 +1,223 @@
+//! Hot reload under load and graceful shutdown: config rewrites (by rename, as editors do)
+//! switch a vhost between pools without a failed request; a broken config is rejected and
+//! counted while the old one keeps serving; state that did not change survives; SIGTERM
+//! lets in-flight requests finish.
+
+mod support;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use support::{client, php_root, Fpm, FpmOptions, Gate};
+
+fn fpm(name: &str, workers: usize) -> Fpm {
+    Fpm::start(FpmOptions {
+        workers,
+        pool_name: name.to_string(),
+        env: vec![("APP_POOL".into(), name.into())],
+        ..FpmOptions::default()
+    })
+}
+
+fn config(a: &Fpm, b: &Fpm, vhost_pool: &str) -> String {
+    format!(
+        r#"
+listen: [ {{ bind: "127.0.0.1:0" }} ]
+admin: {{ bind: "127.0.0.1:0" }}
+pools:
+  a:
+    endpoints: [ {{ addr: "{}", max_conns: 4 }} ]
+  b:
+    endpoints: [ {{ addr: "{}", max_conns: 4 }} ]
+vhosts:
+  - hosts: ["*"]
+    root: {}
+    pool: {vhost_pool}
+shutdown_grace: 10s
+"#,
+        a.endpoint(),
+        b.endpoint(),
+        php_root().display()
+    )
+}
+
+async fn which_pool(g: &Gate) -> String {
+    client()
+        .get(g.url("/env.php"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+async fn metric(g: &Gate, prefix: &str) -> f64 {
+    let m = client()
+        .get(g.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    m.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+async fn wait_for_pool(g: &Gate, want: &str, within: Duration) -> Duration {
+    let t = Instant::now();
+    loop {
+        if which_pool(g).await == want {
+            return t.elapsed();
+        }
+        assert!(
+            t.elapsed() < within,
+            "vhost did not switch to pool {want} within {within:?}: {:?}",
+            g.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_under_load_drops_nothing() {
+    let (a, b) = (fpm("a", 4), fpm("b", 4));
+    let g = Gate::start(&config(&a, &b, "a"));
+    assert_eq!(which_pool(&g).await, "a");
+
+    let failures = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(AtomicUsize::new(0));
+    let c = client();
+    let sem = Arc::new(tokio::sync::Semaphore::new(32));
+    let mut tasks = Vec::new();
+    let load = {
+        let (failures, done, url) = (failures.clone(), done.clone(), g.url("/env.php"));
+        tokio::spawn(async move {
+            for _ in 0..5000 {
+                let permit = sem.clone().acquire_owned().await.unwrap();
+                let (c, url, failures, done) =
+                    (c.clone(), url.clone(), failures.clone(), done.clone());
+                tasks.push(tokio::spawn(async move {
+                    match c.get(&url).send().await {
+                        Ok(r) if r.status() == 200 => {
+                            let body = r.text().await.unwrap_or_default();
+                            if body != "a" && body != "b" {
+                                failures.fetch_add(1, Ordering::SeqCst);
+                            }
+                        }
+                        _ => {
+                            failures.fetch_add(1, Ordering::SeqCst);
+                        }
+                    }
+                    done.fetch_add(1, Ordering::SeqCst);
+                    drop(permit);
+                }));
+            }
+            for t in tasks {
+                t.await.unwrap();
+            }
+        })
+    };
+    let mut flip = false;
+    let mut rewrites = 0;
+    while !load.is_finished() {
+        flip = !flip;
+        g.rewrite_config(&config(&a, &b, if flip { "b" } else { "a" }));
+        rewrites += 1;
+        if rewrites == 7 {
+            // A broken config in the middle of the load: rejected, old one keeps serving.
+            g.rewrite_config("listen: [ { bind: \"127.0.0.1:0\" } ]\npools: { a: { endpoints: [] } }\nvhosts: oops\n");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    load.await.unwrap();
+    assert_eq!(done.load(Ordering::SeqCst), 5000);
+    assert_eq!(
+        failures.load(Ordering::SeqCst),
+        0,
+        "failed requests during reloads; logs: {:?}",
+        g.logs()
+    );
+    assert!(
+        rewrites >= 3,
+        "the load finished too fast to overlap reloads ({rewrites} rewrites)"
+    );
+    assert!(metric(&g, "fpmgate_config_reloads_total{result=\"failure\"}").await >= 1.0);
+    assert!(metric(&g, "fpmgate_config_reloads_total{result=\"success\"}").await >= 2.0);
+
+    // The switch is visible within a second of the write.
+    g.rewrite_config(&config(&a, &b, "b"));
+    let took = wait_for_pool(&g, "b", Duration::from_secs(1)).await;
+    eprintln!("switch visible after {took:?}");
+    g.rewrite_config(&config(&a, &b, "a"));
+    wait_for_pool(&g, "a", Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn sighup_with_broken_config_keeps_serving_and_counts() {
+    let (a, b) = (fpm("a", 2), fpm("b", 2));
+    let g = Gate::start(&config(&a, &b, "a"));
+    // Warm a kept connection, then reload a config that changes nothing about pool a.
+    assert_eq!(which_pool(&g).await, "a");
+    let connects_before = metric(&g, "fpmgate_upstream_connects_total{pool=\"a\"").await;
+    let text = config(&a, &b, "a").replace("shutdown_grace: 10s", "shutdown_grace: 11s");
+    g.rewrite_config(&text);
+    g.signal("HUP");
+    assert!(g.wait_for_log("config reloaded", Duration::from_secs(5)));
+    for _ in 0..20 {
+        assert_eq!(which_pool(&g).await, "a");
+    }
+    assert_eq!(
+        metric(&g, "fpmgate_upstream_connects_total{pool=\"a\"").await,
+        connects_before,
+        "the untouched pool kept its idle connection across the reload"
+    );
+
+    std::fs::write(&g.config_path, "pools: [unclosed\n").unwrap();
+    g.signal("HUP");
+    assert!(g.wait_for_log("config reload rejected", Duration::from_secs(5)));
+    assert_eq!(which_pool(&g).await, "a");
+    assert!(metric(&g, "fpmgate_config_reloads_total{result=\"failure\"}").await >= 1.0);
+    assert_eq!(
+        metric(&g, "fpmgate_config_last_reload_successful ").await,
+        0.0
+    );
+    let status = client()
+        .get(g.admin_url("/status"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        status.contains("\"last_reload_error\": \"") && status.contains(":1:8: YAML syntax error"),
+        "{status}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_in_flight_requests_finish() {
+    let a = fpm("a", 20);
+    let b = fpm("b", 1);
+    let mut g = Gate::start(&config(&a, &b, "a").replace("max_conns: 4", "max_conns: 20"));
+    let c = client();
+    let mut reqs = Vec::new();
+    for _ in 0..20 {
+        reqs.push(tokio::spawn(c.get(g.url("/sleep.php?ms=1500")).send()));
+    }
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    g.signal("TERM");
+    for r in reqs {
+        let resp = r.await.unwrap().expect("in-flight request completes");
+        assert_eq!(resp.status(), 200);
+    }
+    let status = g
+        .wait_exit(Duration::from_secs(10))
+        .expect("fpmgate exited");
+    assert!(status.success(), "{status:?}");
+}
