@@ -156,6 +156,7 @@ impl Proxy {
         if pq.len() > limits.max_uri {
             return Err(ProxyError::UriTooLong);
         }
+        check_framing(&parts.headers)?;
         let raw_path = parts.uri.path();
         let query = parts.uri.query().unwrap_or("");
         let host = match parts.uri.authority() {
@@ -334,6 +335,8 @@ impl Proxy {
                 Ok(c) => c,
                 Err((slot, e)) => {
                     drop(slot);
+                    // Passive health: a connect failure counts against the endpoint.
+                    pool.passive_failure(&ep);
                     self.metrics
                         .upstream_errors
                         .with_label_values(&[pool.name(), &ep.label, "connect"])
@@ -381,10 +384,14 @@ impl Proxy {
                         .with_label_values(&[pool.name(), &ep.label, code.as_str()])
                         .inc();
                     if code.is_informational() {
+                        // Passive health: a protocol error counts against the endpoint.
+                        pool.passive_failure(&ep);
                         return Err(ProxyError::UpstreamProtocol(format!(
                             "FPM sent final status {code}"
                         )));
                     }
+                    // Passive health: a complete response head ends a run of failures.
+                    pool.passive_success(&ep);
                     let body = FcgiBody::new(
                         conn,
                         rest,
@@ -414,6 +421,15 @@ impl Proxy {
                         stale_left -= 1;
                         tracing::debug!(request_id = id, endpoint = %ep.label, "kept connection was stale; retrying");
                         continue;
+                    }
+                    // Passive health: resets before any response byte, protocol errors and read
+                    // timeouts count against the endpoint (a stale kept connection does not).
+                    if matches!(
+                        f.error,
+                        ProxyError::ReadTimeout | ProxyError::UpstreamProtocol(_)
+                    ) || (before_response && matches!(f.error, ProxyError::UpstreamReset(_)))
+                    {
+                        pool.passive_failure(&ep);
                     }
                     if before_response && idempotent && retries_left > 0 {
                         retries_left -= 1;
@@ -498,6 +514,35 @@ fn cookie_value<'h>(headers: &'h http::HeaderMap, name: &str) -> Option<&'h [u8]
         }
     }
     None
+}
+
+/// Request smuggling guards on top of hyper's parser: a message whose length two parties
+/// could read differently is refused (and the connection closed), as nginx does.
+fn check_framing(headers: &http::HeaderMap) -> Result<(), ProxyError> {
+    let cl = headers.get_all(header::CONTENT_LENGTH).iter().count();
+    let te: Vec<&HeaderValue> = headers.get_all(header::TRANSFER_ENCODING).iter().collect();
+    if cl > 1 {
+        return Err(ProxyError::BadRequest("duplicate Content-Length"));
+    }
+    if !te.is_empty() {
+        if cl > 0 {
+            return Err(ProxyError::BadRequest(
+                "both Content-Length and Transfer-Encoding",
+            ));
+        }
+        if te.len() > 1
+            || !te[0]
+                .as_bytes()
+                .trim_ascii()
+                .eq_ignore_ascii_case(b"chunked")
+        {
+            return Err(ProxyError::BadRequest("unsupported Transfer-Encoding"));
+        }
+    }
+    if headers.get_all(header::HOST).iter().count() > 1 {
+        return Err(ProxyError::BadRequest("duplicate Host header"));
+    }
+    Ok(())
 }
 
 /// Host is `name[:port]` or `[v6][:port]` of visible ASCII without `/`, `\`, `@` or spaces.

@@ -1,0 +1,203 @@
+//! Hostile clients: request smuggling variants, slowloris and slow bodies, connection
+//! floods, traversal, and the `/uploads/evil.jpg/x.php` path-info attack. Each case fails
+//! if its defence is removed.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use support::{client, php_root, shared_fpm, Gate};
+
+fn gate(extra: &str, vhost_extra: &str) -> Gate {
+    Gate::start(&format!(
+        r#"
+listen: [ {{ bind: "127.0.0.1:0" }} ]
+admin: {{ bind: "127.0.0.1:0" }}
+pools:
+  main:
+    endpoints: [ {{ addr: "{}" }} ]
+vhosts:
+  - hosts: ["*"]
+    root: {root}
+    pool: main
+{vhost_extra}
+{extra}
+"#,
+        shared_fpm().endpoint(),
+        root = php_root().display()
+    ))
+}
+
+/// Sends bytes, reads until the server closes (or 5 s), returns the text.
+fn exchange(g: &Gate, req: &[u8]) -> String {
+    let mut s = TcpStream::connect(g.http).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(req).unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn statuses(resp: &str) -> Vec<&str> {
+    resp.lines().filter(|l| l.starts_with("HTTP/1.")).collect()
+}
+
+#[test]
+fn smuggling_variants_are_refused() {
+    let g = gate("", "");
+    // CL + TE: hyper follows RFC 9112 (Transfer-Encoding wins, Content-Length dropped) and
+    // closes the connection after the message, so the smuggled GET is never served.
+    let r = exchange(
+        &g,
+        b"POST /body.php HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /server.php HTTP/1.1\r\nHost: x\r\n\r\n",
+    );
+    assert_eq!(
+        statuses(&r).len(),
+        1,
+        "the pipelined request must not be served: {r}"
+    );
+    for (name, req) in [
+        ("two different Content-Length", &b"POST /body.php HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\nabcde"[..]),
+        ("bad chunk size", b"POST /body.php HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n"),
+        ("gzip, chunked", b"POST /body.php HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n"),
+        ("chunked, gzip", b"POST /body.php HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, gzip\r\n\r\n0\r\n\r\n"),
+        ("two Transfer-Encoding lines", b"POST /body.php HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"),
+        ("two Host lines", b"GET /server.php HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n"),
+        ("NUL in a header", b"GET /server.php HTTP/1.1\r\nHost: x\r\nX: a\x00b\r\n\r\n"),
+        ("space before colon", b"GET /server.php HTTP/1.1\r\nHost : x\r\n\r\n"),
+        ("TE on HTTP/1.0", b"POST /body.php HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"),
+        ("no Host on HTTP/1.1", b"GET /server.php HTTP/1.1\r\n\r\n"),
+        ("encoded traversal", b"GET /%2e%2e/%2e%2e/etc/passwd HTTP/1.1\r\nHost: x\r\n\r\n"),
+        ("encoded newline in path", b"GET /server.php%0a.php HTTP/1.1\r\nHost: x\r\n\r\n"),
+    ] {
+        let r = exchange(&g, req);
+        let st = statuses(&r);
+        assert!(st.len() == 1 && st[0].contains(" 400 "), "{name}: {r}");
+    }
+}
+
+#[test]
+fn slowloris_head_is_cut_at_header_timeout() {
+    let g = gate("limits: { header_timeout: 1s }", "");
+    let mut s = TcpStream::connect(g.http).unwrap();
+    s.write_all(b"GET /server.php HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    let t = Instant::now();
+    // Trickle a header byte every 200 ms: each byte must not restart the clock.
+    let mut closed_at = None;
+    for _ in 0..40 {
+        std::thread::sleep(Duration::from_millis(200));
+        if s.write_all(b"X").is_err() {
+            closed_at = Some(t.elapsed());
+            break;
+        }
+        s.set_read_timeout(Some(Duration::from_millis(1))).unwrap();
+        let mut b = [0u8; 512];
+        if let Ok(0) = s.read(&mut b) {
+            closed_at = Some(t.elapsed());
+            break;
+        }
+    }
+    let at = closed_at.expect("the server never closed the slow connection");
+    assert!(at < Duration::from_secs(3), "closed after {at:?}");
+}
+
+#[test]
+fn slow_body_is_cut_at_body_timeout() {
+    let g = gate("limits: { body_timeout: 1s }", "");
+    let mut s = TcpStream::connect(g.http).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"POST /body.php HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nabc")
+        .unwrap();
+    let t = Instant::now();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let r = String::from_utf8_lossy(&out);
+    assert!(r.starts_with("HTTP/1.1 408"), "{r}");
+    assert!(t.elapsed() < Duration::from_secs(3));
+}
+
+#[tokio::test]
+async fn connection_limit_holds_extra_clients_in_the_backlog() {
+    let g = gate("limits: { max_connections: 2 }", "");
+    let a = TcpStream::connect(g.http).unwrap();
+    let b = TcpStream::connect(g.http).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let mut c = TcpStream::connect(g.http).unwrap(); // kernel accepts; fpmgate does not yet
+    c.set_read_timeout(Some(Duration::from_millis(800)))
+        .unwrap();
+    c.write_all(b"GET /pid.php HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut buf = [0u8; 64];
+    assert!(
+        c.read(&mut buf).is_err(),
+        "a third connection was served past max_connections"
+    );
+    drop(a);
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut out = Vec::new();
+    let _ = c.read_to_end(&mut out);
+    assert!(
+        String::from_utf8_lossy(&out).starts_with("HTTP/1.1 200"),
+        "served once a slot freed"
+    );
+    drop(b);
+}
+
+#[tokio::test]
+async fn upload_disguised_as_script_never_runs() {
+    // With a local tree: the try_files rule answers 404 before FPM is asked.
+    let g = gate("", &format!("    static: {}", php_root().display()));
+    let resp = client()
+        .get(g.url("/uploads/evil.jpg/x.php"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+    assert!(!resp.text().await.unwrap().contains("EVIL EXECUTED"));
+    let m = client()
+        .get(g.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        !m.contains("fpmgate_upstream_requests_total{"),
+        "FPM must not have been asked"
+    );
+    // The static tree serves the file itself (as data), and real scripts still run.
+    let resp = client().get(g.url("/hello.txt")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "text/plain; charset=utf-8");
+    assert!(resp.headers().contains_key("etag"));
+    assert_eq!(
+        client()
+            .get(g.url("/pid.php"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    // PHP sources are never served as static files, even with a local tree.
+    let resp = client().get(g.url("/server.php")).send().await.unwrap();
+    assert_eq!(resp.headers()["content-type"], "application/json");
+
+    // Without a local tree, FPM's security.limit_extensions refuses the .jpg.
+    let g = gate("", "");
+    let resp = client()
+        .get(g.url("/uploads/evil.jpg/x.php"))
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        resp.status() == 403 || resp.status() == 404,
+        "{}",
+        resp.status()
+    );
+    assert!(!resp.text().await.unwrap().contains("EVIL EXECUTED"));
+}
