@@ -137,7 +137,7 @@ pub struct QueueSpec {
     pub timeout: Option<Text>,
 }
 
-/// `health:`; present (even as `{}`) = active checks on.
+/// `health:`; present (even as `{}`) = active checks on, unless it holds only `passive`.
 #[derive(Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HealthSpec {
@@ -158,6 +158,20 @@ pub struct HealthSpec {
     pub fall: Option<Spanned<u32>>,
     /// Passive ejection on request failures (applies also without active checks).
     pub passive: Option<PassiveSpec>,
+}
+
+impl HealthSpec {
+    /// True when only `passive` is set: passive ejection tuned, no active pings.
+    pub fn passive_only(&self) -> bool {
+        self.passive.is_some()
+            && self.ping.is_none()
+            && self.expect.is_none()
+            && self.addr_port.is_none()
+            && self.interval.is_none()
+            && self.timeout.is_none()
+            && self.rise.is_none()
+            && self.fall.is_none()
+    }
 }
 
 /// `health.passive:`.

@@ -146,9 +146,11 @@ fn compile_pool(cx: &mut Ctx, name: &str, spec: PoolSpec) -> PoolConfig {
         ),
     };
 
+    // `health: { passive: ... }` alone tunes passive ejection without turning pings on.
     let health = spec
         .health
         .as_ref()
+        .filter(|h| !h.passive_only())
         .map(|h| compile_health(cx, name, h, &endpoints));
     let passive = compile_passive(cx, name, spec.health.as_ref());
 
