@@ -166,3 +166,42 @@ async fn serve(mut s: TcpStream, mode: Mode, requests: Arc<AtomicUsize>) -> std:
     }
     Ok(())
 }
+
+/// A one-shot FastCGI GET straight to an FPM address (no fpmgate), for reading FPM's own
+/// status page in tests. Returns the STDOUT body after the CGI head.
+pub fn fcgi_get(addr: SocketAddr, script: &str, query: &str) -> String {
+    use std::io::{Read, Write};
+    let mut out = BytesMut::new();
+    codec::put_begin_request(&mut out, 1, false);
+    let mut p = codec::ParamsWriter::new(&mut out, 1);
+    for (k, v) in [
+        ("SCRIPT_NAME", script),
+        ("SCRIPT_FILENAME", script),
+        ("REQUEST_URI", script),
+        ("REQUEST_METHOD", "GET"),
+        ("QUERY_STRING", query),
+        ("SERVER_PROTOCOL", "HTTP/1.1"),
+        ("GATEWAY_INTERFACE", "CGI/1.1"),
+    ] {
+        p.add(k.as_bytes(), v.as_bytes());
+    }
+    p.finish();
+    codec::put_stdin_end(&mut out, 1);
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to FPM");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(&out).unwrap();
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    let mut buf = BytesMut::from(&raw[..]);
+    let mut stdout = Vec::new();
+    while let Ok(Some(rec)) = codec::decode_record(&mut buf) {
+        if rec.kind == RecordType::Stdout {
+            stdout.extend_from_slice(&rec.content);
+        }
+    }
+    let text = String::from_utf8_lossy(&stdout).into_owned();
+    match text.split_once("\r\n\r\n") {
+        Some((_, body)) => body.to_string(),
+        None => text,
+    }
+}
