@@ -70,7 +70,7 @@ fn conn_settings(p: &PoolConfig) -> ConnSettings {
 pub fn build(
     config: Config,
     prev: Option<&Runtime>,
-    metrics: &Metrics,
+    metrics: &Arc<Metrics>,
     generation: u64,
 ) -> Runtime {
     let config = Arc::new(config);
@@ -189,6 +189,18 @@ pub fn build(
 
     for pool in &pools {
         pool.refresh_capacity();
+    }
+    // Health tasks: started for pools built here (a carried-over pool keeps its tasks),
+    // stopped for old pools that were replaced or removed.
+    for pool in &pools {
+        pool.start_health(Arc::clone(metrics));
+    }
+    if let Some(prev) = prev {
+        for old in &prev.pools {
+            if !pools.iter().any(|p| Arc::ptr_eq(p, old)) {
+                old.stop();
+            }
+        }
     }
     metrics.config_generation.set(generation as i64);
     Runtime {

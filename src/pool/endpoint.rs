@@ -1,5 +1,8 @@
 //! One PHP-FPM endpoint: its worker budget (`max_conns`), its kept-alive idle connections,
-//! and its health flags.
+//! and its health state (active verdict, passive ejection, drain, last FPM status figures).
+//!
+//! Health state lives here, not in the checker tasks, because an endpoint object moves from
+//! the old pool to the new one on reload: its verdict and counters must move with it.
 //!
 //! PHP-FPM gives each connection its own worker until the connection closes, so an idle
 //! pooled connection pins a worker exactly like a busy one. The budget therefore counts both:
@@ -7,7 +10,7 @@
 //! idle one is left.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -16,6 +19,9 @@ use tokio::time::Instant;
 use crate::config::{EndpointAddr, EndpointConfig};
 use crate::fastcgi::conn::{self, Stream, Target};
 use crate::metrics::EndpointMetrics;
+use crate::pool::fpm_status::FpmSnapshot;
+use crate::pool::health::EndpointHealth;
+use crate::pool::Pool;
 
 /// Read buffer size of a FastCGI connection: one full record plus its header.
 const READ_BUF: usize = 64 * 1024 + 16;
@@ -58,6 +64,20 @@ pub struct Endpoint {
     pub ejected_until_ms: AtomicU64,
     /// Handles of its metric series.
     pub metrics: EndpointMetrics,
+    /// Rise/fall counter, passive failure window and last check (short critical sections
+    /// only, never held across an await).
+    health: Mutex<EndpointHealth>,
+    /// Set by a passive failure, cleared by a success: lets the success path skip the lock.
+    pub(crate) passive_pending: AtomicBool,
+    /// The last FPM status page figures, when the pool scrapes them.
+    fpm: Mutex<Option<FpmSnapshot>>,
+    /// The last scrape showed a listen queue or every FPM process active.
+    fpm_busy: AtomicBool,
+    /// The last scrape showed connections waiting in FPM's listen queue.
+    fpm_queued: AtomicBool,
+    /// The pool currently serving this endpoint (set when its health tasks start), so that
+    /// an ejection ending after a reload refreshes the capacity of the right pool.
+    owner: Mutex<Weak<Pool>>,
 }
 
 /// Process-wide monotonic epoch for the millisecond timestamps kept in atomics.
@@ -91,17 +111,24 @@ impl Endpoint {
             draining: AtomicBool::new(false),
             ejected_until_ms: AtomicU64::new(0),
             metrics,
+            health: Mutex::new(EndpointHealth::default()),
+            passive_pending: AtomicBool::new(false),
+            fpm: Mutex::new(None),
+            fpm_busy: AtomicBool::new(false),
+            fpm_queued: AtomicBool::new(false),
+            owner: Mutex::new(Weak::new()),
         }
     }
 
     /// Applies a reloaded config entry for the same address without touching connections.
+    /// An admin drain survives the reload: only the operator's `enable` undoes it (an
+    /// endpoint that left the config is a new object if it ever comes back).
     pub fn update(&self, cfg: &EndpointConfig, settings: ConnSettings) {
         self.weight.store(cfg.weight.max(1), Ordering::Relaxed);
         self.max_conns
             .store(cfg.max_conns.max(1), Ordering::Relaxed);
         self.metrics.max_conns.set(cfg.max_conns as i64);
         *self.settings.lock().unwrap_or_else(|e| e.into_inner()) = settings;
-        self.draining.store(false, Ordering::Relaxed);
     }
 
     /// Relative weight.
@@ -129,6 +156,76 @@ impl Endpoint {
         self.up.load(Ordering::Relaxed)
             && !self.draining.load(Ordering::Relaxed)
             && self.ejected_until_ms.load(Ordering::Relaxed) <= now_ms()
+    }
+
+    /// Whether a passive ejection is in force right now.
+    pub fn is_ejected(&self) -> bool {
+        self.ejected_until_ms.load(Ordering::Relaxed) > now_ms()
+    }
+
+    /// Whether the admin (or a reload that removed it) drained the endpoint.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Whether the active checks consider it up.
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    /// Sets `fpmgate_endpoint_up` from [`Endpoint::is_available`]; call after any change
+    /// of health, ejection or drain.
+    pub fn sync_up_metric(&self) {
+        self.metrics.up.set(i64::from(self.is_available()));
+    }
+
+    /// The health state, for a short synchronous critical section.
+    pub(crate) fn health(&self) -> MutexGuard<'_, EndpointHealth> {
+        self.health.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The last FPM status figures, if the pool scrapes them and a scrape succeeded.
+    pub fn fpm_snapshot(&self) -> Option<FpmSnapshot> {
+        *self.fpm.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records a successful status scrape.
+    pub(crate) fn set_fpm_snapshot(&self, snap: FpmSnapshot) {
+        self.fpm_busy
+            .store(snap.status.is_busy(), Ordering::Relaxed);
+        self.fpm_queued
+            .store(snap.status.listen_queue > 0, Ordering::Relaxed);
+        *self.fpm.lock().unwrap_or_else(|e| e.into_inner()) = Some(snap);
+    }
+
+    /// Forgets what the last scrape said about saturation (FPM refused the scrape: it is
+    /// gone, not busy). The figures stay for `/status`.
+    pub(crate) fn clear_fpm_hints(&self) {
+        self.fpm_busy.store(false, Ordering::Relaxed);
+        self.fpm_queued.store(false, Ordering::Relaxed);
+    }
+
+    /// FPM looked saturated at the last status scrape (a listen queue, or every process
+    /// active). A hint the balancer may use; the endpoint stays available.
+    pub fn fpm_busy(&self) -> bool {
+        self.fpm_busy.load(Ordering::Relaxed)
+    }
+
+    /// The last status scrape saw connections waiting in FPM's listen queue.
+    pub fn fpm_queued(&self) -> bool {
+        self.fpm_queued.load(Ordering::Relaxed)
+    }
+
+    /// The pool that currently serves this endpoint, if its health tasks were started.
+    pub fn owner(&self) -> Option<Arc<Pool>> {
+        self.owner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .upgrade()
+    }
+
+    pub(crate) fn set_owner(&self, pool: Weak<Pool>) {
+        *self.owner.lock().unwrap_or_else(|e| e.into_inner()) = pool;
     }
 
     /// Reserves one slot of the worker budget; None when the endpoint is full.

@@ -5,15 +5,22 @@
 //! endpoint once the pool has a free worker for it, otherwise it waits here, in order, for at
 //! most `queue.timeout`; a full queue answers 503 at once. Every resource is an RAII guard so
 //! a request whose client went away releases its place by being dropped.
+//!
+//! Health (active pings, FPM status scraping, passive ejection) lives in [`health`] and
+//! [`fpm_status`]; its state is kept on each [`Endpoint`] so that it survives reloads.
 
 pub mod balance;
 pub mod endpoint;
+pub mod fpm_status;
+pub mod health;
 
 use std::collections::VecDeque;
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::oneshot;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::{BalancePolicy, PoolConfig};
 use crate::error::ProxyError;
@@ -37,6 +44,10 @@ pub struct Pool {
     admission: Mutex<Admission>,
     /// Label-bound metric handles.
     pub metrics: PoolMetrics,
+    /// Stops the pool's health tasks ([`Pool::stop`], or when the pool is dropped).
+    cancel: CancellationToken,
+    /// [`Pool::start_health`] ran.
+    health_started: AtomicBool,
 }
 
 impl Pool {
@@ -62,6 +73,8 @@ impl Pool {
                 waiters: VecDeque::new(),
             }),
             metrics,
+            cancel: CancellationToken::new(),
+            health_started: AtomicBool::new(false),
         };
         pool.refresh_capacity();
         pool

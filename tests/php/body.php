@@ -49,6 +49,6 @@ echo json_encode([
     'md5' => hash_final($ctx),
     'content_length' => $_SERVER['CONTENT_LENGTH'] ?? null,
     'content_type' => $_SERVER['CONTENT_TYPE'] ?? null,
-    'post' => $_POST,
+    'post' => (object) $_POST,  // {} rather than [] when empty
     'files' => describe_files($_FILES),
 ], JSON_UNESCAPED_SLASHES | JSON_INVALID_UTF8_SUBSTITUTE);
