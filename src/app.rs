@@ -14,6 +14,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::admin::{self, Admin};
 use crate::config::{self, Config};
+use crate::dns::DnsCache;
 use crate::listener::{self, Serve};
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
@@ -72,8 +73,16 @@ async fn serve(path: PathBuf, config: Config) -> anyhow::Result<()> {
     let max_conns = config.limits.max_connections;
     let listeners = config.listeners.clone();
     let admin_cfg = config.admin.clone();
+    // `dns:` names are resolved before the first runtime (within `dns.timeout`), so their
+    // pools start with endpoints; one that fails starts empty and fills when it resolves.
+    let dns_cache = DnsCache::default();
+    crate::dns::resolve_missing(&config, &metrics, &dns_cache).await;
     let shared: Shared = Arc::new(ArcSwap::from_pointee(runtime::build(
-        config, None, &metrics, 1,
+        config,
+        None,
+        &metrics,
+        1,
+        &dns_cache.lock(),
     )));
     metrics.config_last_success.set(unix_now());
     metrics.config_last_successful.set(1);
@@ -113,6 +122,7 @@ async fn serve(path: PathBuf, config: Config) -> anyhow::Result<()> {
             sock,
             kind,
             tls,
+            l.proxy_protocol,
             serve.clone(),
         )));
     }
@@ -151,8 +161,15 @@ async fn serve(path: PathBuf, config: Config) -> anyhow::Result<()> {
         metrics.clone(),
         last_error,
         resolvers,
+        dns_cache.clone(),
     ));
     tokio::spawn(crate::reload::watch(reloader.clone(), shutdown.clone()));
+    tokio::spawn(crate::dns::discover(
+        shared.clone(),
+        metrics.clone(),
+        dns_cache,
+        shutdown.clone(),
+    ));
 
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;

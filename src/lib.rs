@@ -6,11 +6,13 @@
 #![forbid(unsafe_code)]
 #![deny(clippy::await_holding_lock)]
 
+pub mod access;
 pub mod admin;
 pub mod app;
 pub mod body;
 pub mod cli;
 pub mod config;
+pub mod dns;
 pub mod error;
 pub mod fastcgi;
 pub mod listener;
@@ -18,6 +20,7 @@ pub mod mapping;
 pub mod metrics;
 pub mod pool;
 pub mod proxy;
+pub mod proxy_protocol;
 pub mod reload;
 pub mod respbody;
 pub mod router;
@@ -25,3 +28,4 @@ pub mod runtime;
 pub mod static_files;
 pub mod telemetry;
 pub mod tls;
+pub mod upstream;

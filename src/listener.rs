@@ -82,6 +82,7 @@ pub async fn accept_loop(
     listener: TcpListener,
     kind: &'static str,
     tls: Option<Arc<rustls::ServerConfig>>,
+    proxy_protocol: bool,
     s: Serve,
 ) {
     let local = listener.local_addr().ok();
@@ -109,6 +110,19 @@ pub async fn accept_loop(
         s.tracker.spawn(async move {
             let gauge = s2.metrics.client_connections.with_label_values(&[kind]);
             gauge.inc();
+            let (mut stream, mut remote, mut local) = (stream, remote, local);
+            if proxy_protocol {
+                let timeout = s2.proxy.shared.load().limits().header_timeout;
+                match crate::proxy_protocol::read_header(&mut stream, timeout).await {
+                    Ok(Some((src, dst))) => (remote, local) = (src, dst),
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::debug!(%remote, "connection refused: {e}");
+                        gauge.dec();
+                        return;
+                    }
+                }
+            }
             match tls {
                 None => {
                     let info = Arc::new(ConnInfo {

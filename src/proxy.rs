@@ -1,36 +1,40 @@
-//! One client request: snapshot the runtime, route, map to a script, buffer the body, wait
-//! for a place in the pool, run the FastCGI exchange (retrying where FPM cannot have run the
-//! script), and answer. Every failure becomes a [`ProxyError`] with a status, a log line and
-//! a metric.
+//! One client request: snapshot the runtime, work out who the client is, route, map to a
+//! script, buffer the body, wait for a place in the pool, hand over to [`crate::upstream`],
+//! and answer. Every failure becomes a [`ProxyError`] with a status, a log line and a
+//! metric; every response ends in a [`Completion`] (duration histogram, access log).
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use tokio::time::Instant;
 
-use crate::body::{self, BodyLimits, RequestBody};
+use crate::access::{AccessRecord, Completion};
+use crate::body::{self, BodyLimits};
+use crate::config::{AccessLogFormat, Cidr};
 use crate::error::ProxyError;
-use crate::fastcgi::client::{self, FcgiBody, LogCtx, Outgoing, REQUEST_ID};
-use crate::fastcgi::codec::{self, ParamsWriter};
-use crate::mapping::{self, LocalFile, ParamSink, RequestFacts, Resolved, VhostFacts};
+use crate::mapping::{self, LocalFile, RequestFacts, Resolved};
 use crate::metrics::Metrics;
 use crate::pool::balance::hash_bytes;
-use crate::pool::{Admit, Pool};
-use crate::respbody::ProxyBody;
-use crate::runtime::{Runtime, Shared, Vhost};
+use crate::respbody::{ProxyBody, ResponseBody};
+use crate::runtime::{Runtime, Shared};
 use crate::static_files;
+use crate::upstream::{self, Upstream};
 
 /// `SERVER_SOFTWARE`.
 const SERVER_SOFTWARE: &str = concat!("fpmgate/", env!("CARGO_PKG_VERSION"));
 
+/// The request id header: kept from a trusted proxy, else made here; PHP sees it as
+/// `HTTP_X_REQUEST_ID` and the client gets it back.
+const REQUEST_ID: &str = "x-request-id";
+
 /// What the listener knows about the client connection.
 #[derive(Debug, Clone)]
 pub struct ConnInfo {
-    /// Client address.
+    /// Client address (from the PROXY protocol header when the listener uses it).
     pub remote: SocketAddr,
     /// Our address the client connected to.
     pub local: SocketAddr,
@@ -47,25 +51,11 @@ pub struct Proxy {
     next_id: AtomicU64,
 }
 
-impl ParamSink for ParamsWriter<'_> {
-    fn param(&mut self, name: &[u8], value: &[u8]) {
-        self.add(name, value);
-    }
-    fn header(&mut self, name: &[u8], value: &[u8]) {
-        self.add_header(name, value);
-    }
-}
-
-/// Records the request's duration when its response ends (or is dropped).
-struct Finish {
-    started: Instant,
-    histogram: prometheus::Histogram,
-}
-
-impl Drop for Finish {
-    fn drop(&mut self) {
-        self.histogram.observe(self.started.elapsed().as_secs_f64());
-    }
+/// What one request learns on its way, for metrics and the access log.
+struct Trace<'r> {
+    vhost: &'r str,
+    pool: &'r str,
+    upstream: Upstream,
 }
 
 impl Proxy {
@@ -79,58 +69,90 @@ impl Proxy {
         Proxy {
             shared,
             metrics,
-            next_id: AtomicU64::new(seed << 8),
+            next_id: AtomicU64::new(seed << 12),
         }
     }
 
     /// Serves one request. Never fails at the hyper level: errors become responses.
     pub async fn handle<B>(
         self: Arc<Self>,
-        req: Request<B>,
+        mut req: Request<B>,
         conn: Arc<ConnInfo>,
-    ) -> Result<Response<ProxyBody>, Infallible>
+    ) -> Result<Response<ResponseBody>, Infallible>
     where
         B: http_body::Body<Data = Bytes> + Unpin,
         B::Error: std::fmt::Display,
     {
         let started = Instant::now();
         let rt = self.shared.load_full();
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let trusted = is_trusted(&rt.config.trusted_proxies, conn.remote.ip());
+        let client = if trusted {
+            forwarded_client(req.headers(), &rt.config.trusted_proxies).unwrap_or(conn.remote.ip())
+        } else {
+            conn.remote.ip()
+        };
+        let rid = request_id(
+            &mut req,
+            trusted,
+            self.next_id.fetch_add(1, Ordering::Relaxed),
+        );
         let method = req.method().clone();
-        let mut labels: (&str, &str) = ("-", "-");
-        let result = self.serve(&rt, req, &conn, id, started, &mut labels).await;
-        let (vhost, pool) = labels;
-        let resp = match result {
+        let access = (rt.config.access_log != AccessLogFormat::Off)
+            .then(|| access_record(&req, rt.config.access_log, &rid, client));
+        let mut trace = Trace {
+            vhost: "-",
+            pool: "-",
+            upstream: Upstream::default(),
+        };
+        let result = self.serve(&rt, req, &conn, client, &rid, &mut trace).await;
+        let Trace {
+            vhost,
+            pool,
+            upstream,
+        } = trace;
+        let mut cause = None;
+        let mut resp = match result {
             Ok(resp) => resp,
             Err(err) => {
                 let status = err.status();
+                cause = Some(err.cause());
                 if err.is_gateway() {
                     self.metrics
                         .gateway_errors
                         .with_label_values(&[vhost, pool, status.as_str(), err.cause()])
                         .inc();
-                    tracing::warn!(request_id = id, vhost, pool, %method, status = status.as_u16(), cause = err.cause(), "{err}");
+                    tracing::warn!(request_id = &*rid, vhost, pool, %method, status = status.as_u16(), cause = err.cause(), "{err}");
                 } else {
-                    tracing::debug!(request_id = id, vhost, pool, %method, status = status.as_u16(), cause = err.cause(), "{err}");
+                    tracing::debug!(request_id = &*rid, vhost, pool, %method, status = status.as_u16(), cause = err.cause(), "{err}");
                 }
-                self.metrics
-                    .http_duration
-                    .with_label_values(&[vhost, pool])
-                    .observe(started.elapsed().as_secs_f64());
-                error_response(
-                    &err,
-                    rt.pools
-                        .iter()
-                        .find(|p| p.name() == pool)
-                        .map(|p| p.config.retry_after),
-                )
+                let retry_after = rt
+                    .pools
+                    .iter()
+                    .find(|p| p.name() == pool)
+                    .map(|p| p.config.retry_after);
+                error_response(&err, retry_after)
             }
         };
+        let status = resp.status();
         self.metrics
             .http_requests
-            .with_label_values(&[vhost, pool, resp.status().as_str()])
+            .with_label_values(&[vhost, pool, status.as_str()])
             .inc();
-        Ok(resp)
+        if let Ok(v) = HeaderValue::from_str(&rid) {
+            resp.headers_mut().insert(REQUEST_ID, v);
+        }
+        let record = access.map(|mut r| {
+            r.vhost = vhost.to_string();
+            r.pool = pool.to_string();
+            r.endpoint = upstream.endpoint.as_ref().map(|e| e.label.clone());
+            r.upstream_secs = upstream.header_secs;
+            r.status = status.as_u16();
+            r.cause = cause;
+            r
+        });
+        let histogram = self.metrics.http_duration.with_label_values(&[vhost, pool]);
+        let done = Completion::new(started, Some(histogram), record);
+        Ok(resp.map(|b| ResponseBody::new(b, Some(Box::new(done)))))
     }
 
     async fn serve<'r, B>(
@@ -138,9 +160,9 @@ impl Proxy {
         rt: &'r Runtime,
         req: Request<B>,
         conn: &ConnInfo,
-        id: u64,
-        started: Instant,
-        labels: &mut (&'r str, &'r str),
+        client: IpAddr,
+        rid: &Arc<str>,
+        trace: &mut Trace<'r>,
     ) -> Result<Response<ProxyBody>, ProxyError>
     where
         B: http_body::Body<Data = Bytes> + Unpin,
@@ -177,7 +199,8 @@ impl Proxy {
         let (vi, pi) = rt.router.route(host, &path).ok_or(ProxyError::NotFound)?;
         let vhost = &rt.vhosts[vi];
         let pool = &rt.pools[pi];
-        *labels = (vhost.label.as_str(), pool.name());
+        trace.vhost = vhost.label.as_str();
+        trace.pool = pool.name();
 
         let local_check = vhost
             .static_dir
@@ -195,21 +218,7 @@ impl Proxy {
                 } => (script_name, path_info, document_uri),
                 Resolved::Static => {
                     let dir = vhost.static_dir.as_ref().ok_or(ProxyError::NotFound)?;
-                    let finish = Finish {
-                        started,
-                        histogram: self
-                            .metrics
-                            .http_duration
-                            .with_label_values(&[vhost.label.as_str(), pool.name()]),
-                    };
-                    return static_files::serve(
-                        dir,
-                        &path,
-                        &parts.method,
-                        &parts.headers,
-                        Box::new(finish),
-                    )
-                    .await;
+                    return static_files::serve(dir, &path, &parts.method, &parts.headers).await;
                 }
                 Resolved::NotFound => return Err(ProxyError::NotFound),
             };
@@ -236,11 +245,7 @@ impl Proxy {
             || matches!(parts.method, Method::POST | Method::PUT | Method::PATCH);
         let content_length = has_framing.then(|| request_body.len());
 
-        let protocol = match parts.version {
-            http::Version::HTTP_10 => "HTTP/1.0",
-            http::Version::HTTP_2 => "HTTP/2.0",
-            _ => "HTTP/1.1",
-        };
+        let protocol = protocol_name(parts.version);
         let facts = RequestFacts {
             method: parts.method.as_str(),
             request_uri: pq,
@@ -250,12 +255,12 @@ impl Proxy {
             protocol,
             https: conn.tls.is_some(),
             tls_protocol: conn.tls,
-            remote: conn.remote,
+            remote: SocketAddr::new(client, conn.remote.port()),
             local: conn.local,
             content_length,
             server_software: SERVER_SOFTWARE,
         };
-        let wire = encode_request(
+        let wire = upstream::encode_request(
             &facts,
             vhost,
             pool,
@@ -264,256 +269,133 @@ impl Proxy {
         );
 
         let key = if pool.hashes_client_ip() {
-            Some(match conn.remote.ip() {
-                std::net::IpAddr::V4(a) => hash_bytes(&a.octets()),
-                std::net::IpAddr::V6(a) => hash_bytes(&a.octets()),
+            Some(match client {
+                IpAddr::V4(a) => hash_bytes(&a.octets()),
+                IpAddr::V6(a) => hash_bytes(&a.octets()),
             })
         } else {
             pool.hash_cookie()
-                .and_then(|name| cookie_value(&parts.headers, name))
+                .and_then(|name| upstream::cookie_value(&parts.headers, name))
                 .map(hash_bytes)
         };
 
         let admit = pool.admit().await?;
-        let finish = Finish {
-            started,
-            histogram: self
-                .metrics
-                .http_duration
-                .with_label_values(&[vhost.label.as_str(), pool.name()]),
-        };
-        self.exchange(
+        let max_header = limits.max_response_header;
+        upstream::exchange(
+            &self.metrics,
             pool,
             &parts.method,
             wire,
             &request_body,
             key,
-            id,
+            rid,
             admit,
-            finish,
+            max_header,
+            &mut trace.upstream,
         )
         .await
     }
+}
 
-    #[allow(clippy::too_many_arguments)]
-    async fn exchange(
-        &self,
-        pool: &Arc<Pool>,
-        method: &Method,
-        wire: Bytes,
-        request_body: &RequestBody,
-        key: Option<u64>,
-        id: u64,
-        admit: Admit,
-        finish: Finish,
-    ) -> Result<Response<ProxyBody>, ProxyError> {
-        let cfg = &pool.config;
-        let idempotent = !matches!(method.as_str(), "POST" | "PATCH" | "LOCK");
-        let mut tried: Vec<usize> = Vec::new();
-        let mut retries_left = cfg.retries;
-        // Stale kept-alive connections are retried for free: FPM recycled the worker and the
-        // script never ran, so this is not a failure of the endpoint.
-        let mut stale_left = cfg.keepalive.max_idle + 1;
-        let slot_deadline = Instant::now() + cfg.queue.timeout;
-        loop {
-            let (idx, slot) = match pool.select(&tried, key) {
-                Some(s) => s,
-                None => {
-                    // Admitted but every endpoint is full: possible for a moment right after a
-                    // reload rebuilt the pool while old requests still hold their slots.
-                    if pool.endpoints.iter().any(|e| e.is_available())
-                        && Instant::now() < slot_deadline
-                    {
-                        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
-                        continue;
-                    }
-                    return Err(ProxyError::NoHealthy);
-                }
-            };
-            let ep = Arc::clone(slot.endpoint());
-            let mut conn = match ep.connect(slot).await {
-                Ok(c) => c,
-                Err((slot, e)) => {
-                    drop(slot);
-                    // Passive health: a connect failure counts against the endpoint.
-                    pool.passive_failure(&ep);
-                    self.metrics
-                        .upstream_errors
-                        .with_label_values(&[pool.name(), &ep.label, "connect"])
-                        .inc();
-                    tracing::warn!(request_id = id, pool = pool.name(), endpoint = %ep.label, "connect failed: {e}");
-                    if retries_left > 0 {
-                        retries_left -= 1;
-                        tried.push(idx);
-                        pool.metrics.retries.inc();
-                        continue;
-                    }
-                    return Err(ProxyError::Connect {
-                        endpoint: ep.label.clone(),
-                        source: e,
-                    });
-                }
-            };
-            let file = match request_body.reopen_file() {
-                Some(Ok(f)) => Some((f, request_body.len())),
-                Some(Err(e)) => return Err(ProxyError::BodySpool(e)),
-                None => None,
-            };
-            let sent = Instant::now();
-            let log = LogCtx {
-                request_id: id,
-                endpoint: &ep.label,
-            };
-            match client::send(
-                &mut conn,
-                Outgoing { wire: &wire, file },
-                cfg.timeouts.read,
-                cfg.timeouts.send,
-                max_response_header(&self.shared),
-                log,
-            )
-            .await
+fn protocol_name(v: http::Version) -> &'static str {
+    match v {
+        http::Version::HTTP_10 => "HTTP/1.0",
+        http::Version::HTTP_2 => "HTTP/2.0",
+        _ => "HTTP/1.1",
+    }
+}
+
+fn is_trusted(nets: &[Cidr], ip: IpAddr) -> bool {
+    !nets.is_empty() && nets.iter().any(|n| n.contains(ip))
+}
+
+/// The client behind trusted proxies: the right-most `X-Forwarded-For` address that is not
+/// itself a trusted proxy (nginx's `real_ip_recursive on`), else `X-Real-IP`.
+fn forwarded_client(headers: &http::HeaderMap, trusted: &[Cidr]) -> Option<IpAddr> {
+    let mut hops: Vec<IpAddr> = Vec::new();
+    for v in headers.get_all("x-forwarded-for") {
+        for part in v.to_str().ok()?.split(',') {
+            hops.push(parse_hop(part.trim())?);
+        }
+    }
+    if let Some(ip) = hops.iter().rev().find(|ip| !is_trusted(trusted, **ip)) {
+        return Some(*ip);
+    }
+    if let Some(first) = hops.first() {
+        return Some(*first);
+    }
+    headers
+        .get("x-real-ip")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|s| parse_hop(s.trim()))
+}
+
+/// An address as proxies write it: `1.2.3.4`, `2001:db8::1`, `[2001:db8::1]:443`, `1.2.3.4:5678`.
+fn parse_hop(s: &str) -> Option<IpAddr> {
+    s.parse::<IpAddr>()
+        .ok()
+        .or_else(|| s.parse::<SocketAddr>().ok().map(|a| a.ip()))
+}
+
+/// The request id: a well-formed one from a trusted proxy is kept, else a new one. Either
+/// way it is set on the request so PHP sees it.
+fn request_id<B>(req: &mut Request<B>, trusted: bool, n: u64) -> Arc<str> {
+    if trusted {
+        if let Some(v) = req.headers().get(REQUEST_ID).and_then(|v| v.to_str().ok()) {
+            if !v.is_empty()
+                && v.len() <= 128
+                && v.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
             {
-                Ok((head, rest, reusable)) => {
-                    ep.metrics
-                        .header_duration
-                        .observe(sent.elapsed().as_secs_f64());
-                    let code = head.status;
-                    self.metrics
-                        .upstream_requests
-                        .with_label_values(&[pool.name(), &ep.label, code.as_str()])
-                        .inc();
-                    if code.is_informational() {
-                        // Passive health: a protocol error counts against the endpoint.
-                        pool.passive_failure(&ep);
-                        return Err(ProxyError::UpstreamProtocol(format!(
-                            "FPM sent final status {code}"
-                        )));
-                    }
-                    // Passive health: a complete response head ends a run of failures.
-                    pool.passive_success(&ep);
-                    let body = FcgiBody::new(
-                        conn,
-                        rest,
-                        reusable,
-                        cfg.timeouts.read,
-                        id,
-                        Box::new((admit, finish)),
-                    );
-                    let mut resp = Response::new(ProxyBody::Fcgi(body));
-                    *resp.status_mut() = code;
-                    *resp.headers_mut() = head.headers;
-                    if method == Method::HEAD {
-                        // PHP sends no body for HEAD; read to END_REQUEST so the connection is reused.
-                        return Ok(drain_head(resp).await);
-                    }
-                    return Ok(resp);
-                }
-                Err(f) => {
-                    let reused = conn.reused;
-                    drop(conn);
-                    self.metrics
-                        .upstream_errors
-                        .with_label_values(&[pool.name(), &ep.label, f.error.cause()])
-                        .inc();
-                    let before_response = !f.any_byte && f.closed;
-                    if before_response && reused && stale_left > 0 {
-                        stale_left -= 1;
-                        tracing::debug!(request_id = id, endpoint = %ep.label, "kept connection was stale; retrying");
-                        continue;
-                    }
-                    // Passive health: resets before any response byte, protocol errors and read
-                    // timeouts count against the endpoint (a stale kept connection does not).
-                    if matches!(
-                        f.error,
-                        ProxyError::ReadTimeout | ProxyError::UpstreamProtocol(_)
-                    ) || (before_response && matches!(f.error, ProxyError::UpstreamReset(_)))
-                    {
-                        pool.passive_failure(&ep);
-                    }
-                    if before_response && idempotent && retries_left > 0 {
-                        retries_left -= 1;
-                        tried.push(idx);
-                        pool.metrics.retries.inc();
-                        tracing::warn!(request_id = id, endpoint = %ep.label, "FPM closed before answering; retrying: {}", f.error);
-                        continue;
-                    }
-                    return Err(f.error);
-                }
+                return Arc::from(v);
             }
         }
     }
+    let id = format!("{n:016x}");
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        req.headers_mut().insert(REQUEST_ID, v);
+    }
+    Arc::from(id)
 }
 
-fn max_response_header(shared: &Shared) -> usize {
-    shared.load().config.limits.max_response_header
-}
-
-/// Encodes BEGIN_REQUEST, PARAMS and, for in-memory bodies, STDIN with its terminator, into
-/// one buffer written with one syscall on the common path.
-fn encode_request(
-    facts: &RequestFacts<'_>,
-    vhost: &Vhost,
-    pool: &Pool,
-    script: (&str, &str, &str),
-    body: &RequestBody,
-) -> Bytes {
-    let body_len = match body {
-        RequestBody::Memory(b) => {
-            b.len() + (b.len() / codec::MAX_CONTENT_LEN + 1) * codec::HEADER_LEN
-        }
-        _ => 0,
+fn access_record<B>(
+    req: &Request<B>,
+    format: AccessLogFormat,
+    rid: &Arc<str>,
+    client: IpAddr,
+) -> AccessRecord {
+    let h = req.headers();
+    let text = |name: header::HeaderName| {
+        h.get(name)
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
     };
-    let mut wire = BytesMut::with_capacity(2048 + body_len);
-    codec::put_begin_request(&mut wire, REQUEST_ID, pool.config.keepalive.max_idle > 0);
-    let mut params = ParamsWriter::new(&mut wire, REQUEST_ID);
-    let vf = VhostFacts {
-        first_host: &vhost.first_host,
-        root: &vhost.root,
-        extra_params: &pool.config.params,
-    };
-    mapping::write_params(facts, &vf, script, &mut params);
-    params.finish();
-    match body {
-        RequestBody::Memory(b) => {
-            codec::put_stdin(&mut wire, REQUEST_ID, b);
-            codec::put_stdin_end(&mut wire, REQUEST_ID);
-        }
-        RequestBody::Empty => codec::put_stdin_end(&mut wire, REQUEST_ID),
-        // The file's records and the terminator follow the wire buffer.
-        RequestBody::File { .. } => {}
+    AccessRecord {
+        format,
+        request_id: Arc::clone(rid),
+        client,
+        method: req.method().clone(),
+        uri: req
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/")
+            .to_string(),
+        protocol: protocol_name(req.version()),
+        host: req
+            .uri()
+            .authority()
+            .map(|a| a.to_string())
+            .or_else(|| text(header::HOST))
+            .unwrap_or_default(),
+        referer: text(header::REFERER),
+        user_agent: text(header::USER_AGENT),
+        vhost: String::new(),
+        pool: String::new(),
+        endpoint: None,
+        status: 0,
+        upstream_secs: None,
+        cause: None,
     }
-    wire.freeze()
-}
-
-async fn drain_head(resp: Response<ProxyBody>) -> Response<ProxyBody> {
-    use http_body_util::BodyExt;
-    let (parts, mut body) = resp.into_parts();
-    // Bounded: a misbehaving script's output for HEAD is discarded after 1 MiB.
-    let mut seen = 0usize;
-    while let Some(Ok(frame)) = body.frame().await {
-        if let Some(d) = frame.data_ref() {
-            seen += d.len();
-            if seen > 1 << 20 {
-                break;
-            }
-        }
-    }
-    Response::from_parts(parts, ProxyBody::Empty)
-}
-
-fn cookie_value<'h>(headers: &'h http::HeaderMap, name: &str) -> Option<&'h [u8]> {
-    for h in headers.get_all(header::COOKIE) {
-        for part in h.as_bytes().split(|b| *b == b';') {
-            let part = part.trim_ascii();
-            if let Some(rest) = part.strip_prefix(name.as_bytes()) {
-                if let Some(v) = rest.strip_prefix(b"=") {
-                    return Some(v);
-                }
-            }
-        }
-    }
-    None
 }
 
 /// Request smuggling guards on top of hyper's parser: a message whose length two parties

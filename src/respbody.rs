@@ -9,6 +9,7 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http_body::{Frame, SizeHint};
 
+use crate::access::Completion;
 use crate::fastcgi::client::FcgiBody;
 use crate::static_files::FileBody;
 
@@ -63,5 +64,50 @@ impl http_body::Body for ProxyBody {
             ProxyBody::Fcgi(f) => f.size_hint(),
             ProxyBody::File(f) => f.size_hint(),
         }
+    }
+}
+
+/// What hyper sends: the body, plus the [`Completion`] that runs when it ends (duration
+/// histogram, access log). Counting bytes here covers every kind of body in one place.
+pub struct ResponseBody {
+    kind: ProxyBody,
+    done: Option<Box<Completion>>,
+}
+
+impl ResponseBody {
+    /// Wraps a body; `done` runs when it ends or is dropped.
+    pub fn new(kind: ProxyBody, done: Option<Box<Completion>>) -> ResponseBody {
+        ResponseBody { kind, done }
+    }
+}
+
+impl http_body::Body for ResponseBody {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        let this = &mut *self;
+        let r = Pin::new(&mut this.kind).poll_frame(cx);
+        match &r {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(d), Some(done)) = (frame.data_ref(), this.done.as_mut()) {
+                    done.bytes += d.len() as u64;
+                }
+            }
+            Poll::Ready(_) => this.done = None,
+            Poll::Pending => {}
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.kind.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.kind.size_hint()
     }
 }

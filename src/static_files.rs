@@ -38,7 +38,6 @@ pub async fn serve(
     path: &str,
     method: &Method,
     headers: &HeaderMap,
-    guard: Box<dyn Send + Sync>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     if method != Method::GET && method != Method::HEAD {
         let mut resp = Response::new(ProxyBody::full("405 Method Not Allowed\n"));
@@ -101,7 +100,6 @@ pub async fn serve(
             file,
             remaining: len,
             buf: vec![0; CHUNK.min(len as usize).max(1)],
-            _guard: guard,
         }));
         r.headers_mut()
             .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
@@ -127,7 +125,6 @@ pub struct FileBody {
     file: tokio::fs::File,
     remaining: u64,
     buf: Vec<u8>,
-    _guard: Box<dyn Send + Sync>,
 }
 
 impl http_body::Body for FileBody {
@@ -203,16 +200,12 @@ fn content_type(path: &str) -> &'static str {
     }
 }
 
-/// IMF-fixdate (RFC 9110 §5.6.7) without a date crate.
-pub fn httpdate(t: SystemTime) -> String {
-    let secs = t
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+/// Civil date and time of a Unix timestamp: (year, month 1-12, day, h, m, s, weekday
+/// index with 0 = Thursday, the weekday of 1970-01-01).
+fn civil(secs: u64) -> (i64, usize, i64, u64, u64, u64, usize) {
     let days = secs / 86_400;
     let rem = secs % 86_400;
     let (h, m, s) = (rem / 3600, (rem % 3600) / 60, rem % 60);
-    let weekday = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"][(days % 7) as usize];
     // Civil-from-days (Howard Hinnant's algorithm).
     let z = days as i64 + 719_468;
     let era = z.div_euclid(146_097);
@@ -223,10 +216,44 @@ pub fn httpdate(t: SystemTime) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    let mon = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ][(month - 1) as usize];
-    format!("{weekday}, {d:02} {mon} {year} {h:02}:{m:02}:{s:02} GMT")
+    let month = month as usize;
+    (year, month, d, h, m, s, (days % 7) as usize)
+}
+
+const MONTHS: [&str; 12] = [
+    "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+];
+
+fn unix(t: SystemTime) -> (u64, u32) {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| (d.as_secs(), d.subsec_millis()))
+        .unwrap_or((0, 0))
+}
+
+/// IMF-fixdate (RFC 9110 §5.6.7) without a date crate.
+pub fn httpdate(t: SystemTime) -> String {
+    let (year, month, d, h, m, s, wd) = civil(unix(t).0);
+    let weekday = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"][wd];
+    format!(
+        "{weekday}, {d:02} {} {year} {h:02}:{m:02}:{s:02} GMT",
+        MONTHS[month - 1]
+    )
+}
+
+/// The common log format's `10/Oct/2000:13:55:36 +0000`.
+pub fn clf_date(t: SystemTime) -> String {
+    let (year, month, d, h, m, s, _) = civil(unix(t).0);
+    format!(
+        "{d:02}/{}/{year}:{h:02}:{m:02}:{s:02} +0000",
+        MONTHS[month - 1]
+    )
+}
+
+/// RFC 3339 with milliseconds, UTC.
+pub fn rfc3339(t: SystemTime) -> String {
+    let (secs, ms) = unix(t);
+    let (year, month, d, h, m, s, _) = civil(secs);
+    format!("{year}-{month:02}-{d:02}T{h:02}:{m:02}:{s:02}.{ms:03}Z")
 }
 
 #[cfg(test)]
@@ -240,5 +267,10 @@ mod tests {
         assert_eq!(httpdate(t), "Sun, 06 Nov 1994 08:49:37 GMT");
         let t = UNIX_EPOCH + std::time::Duration::from_secs(1_709_251_200); // 2024-03-01
         assert_eq!(httpdate(t), "Fri, 01 Mar 2024 00:00:00 GMT");
+        assert_eq!(clf_date(t), "01/Mar/2024:00:00:00 +0000");
+        assert_eq!(
+            rfc3339(t + std::time::Duration::from_millis(7)),
+            "2024-03-01T00:00:00.007Z"
+        );
     }
 }

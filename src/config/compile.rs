@@ -15,6 +15,7 @@ use super::schema::{ConfigSpec, LimitsSpec, ListenSpec, Text};
 use super::units::{parse_duration, parse_size};
 use super::{AdminConfig, Config, Limits, ListenerConfig, TlsCertConfig};
 
+mod dns;
 mod pool;
 mod vhost;
 
@@ -49,6 +50,7 @@ pub fn compile(spec: ConfigSpec, path: &Path) -> Result<Config, Vec<ConfigError>
     let listeners = listeners.into_iter().map(|(.., l)| l).collect();
 
     let pools = pool::compile_pools(&mut cx, spec.pools.unwrap_or_default().0);
+    let dns = dns::compile_dns(&mut cx, spec.dns);
     let names: Vec<&str> = pools.iter().map(|p| p.name.as_str()).collect();
     let vhosts = cx.vhosts(spec.vhosts.unwrap_or_default(), &names);
     let limits = cx.limits(spec.limits);
@@ -64,14 +66,44 @@ pub fn compile(spec: ConfigSpec, path: &Path) -> Result<Config, Vec<ConfigError>
         Some(w.value).filter(|&n| n > 0)
     });
 
+    let trusted_proxies = spec
+        .trusted_proxies
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
+        .filter_map(|(i, t)| match super::Cidr::parse(&t.value) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                cx.err(&format!("trusted_proxies[{i}]"), loc(t), e);
+                None
+            }
+        })
+        .collect();
+    let access_log = match spec.access_log.as_ref().map(|t| (t.value.as_str(), t)) {
+        None | Some(("combined", _)) => super::AccessLogFormat::Combined,
+        Some(("json", _)) => super::AccessLogFormat::Json,
+        Some(("off", _)) => super::AccessLogFormat::Off,
+        Some((other, t)) => {
+            cx.err(
+                "access_log",
+                loc(t),
+                format!("unknown access_log format `{other}`, expected combined, json or off"),
+            );
+            super::AccessLogFormat::Combined
+        }
+    };
+
     if !cx.errors.is_empty() {
         return Err(cx.errors);
     }
     Ok(Config {
+        trusted_proxies,
+        access_log,
         path: path.to_path_buf(),
         listeners,
         admin,
         pools,
+        dns,
         vhosts,
         limits,
         shutdown_grace,
@@ -212,7 +244,16 @@ impl Ctx {
                 continue;
             };
             if let Some(bind) = self.socket_addr(&text, &bind_path) {
-                out.push((bind_path, loc(&text), ListenerConfig { bind, tls }));
+                let proxy_protocol = spec.proxy_protocol.unwrap_or(false);
+                out.push((
+                    bind_path,
+                    loc(&text),
+                    ListenerConfig {
+                        bind,
+                        tls,
+                        proxy_protocol,
+                    },
+                ));
             }
         }
         out

@@ -27,10 +27,11 @@ use std::io::Read as _;
 use std::path::Path;
 
 pub use error::ConfigError;
+pub use types::DnsConfig;
 pub use types::{
-    AdminConfig, BalancePolicy, Config, EndpointAddr, EndpointConfig, HealthConfig,
-    KeepaliveConfig, Limits, ListenerConfig, PassiveConfig, PoolConfig, QueueConfig, RouteConfig,
-    RouteMatch, TimeoutsConfig, TlsCertConfig, VhostConfig,
+    AccessLogFormat, AdminConfig, BalancePolicy, Cidr, Config, EndpointAddr, EndpointConfig,
+    HealthConfig, KeepaliveConfig, Limits, ListenerConfig, PassiveConfig, PoolConfig, QueueConfig,
+    RouteConfig, RouteMatch, TimeoutsConfig, TlsCertConfig, VhostConfig,
 };
 pub use units::{parse_duration, parse_size};
 

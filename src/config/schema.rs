@@ -24,6 +24,8 @@ pub struct ConfigSpec {
     pub admin: Option<AdminSpec>,
     /// Balancer groups of PHP-FPM endpoints, by name (order kept).
     pub pools: Option<NamedMap<PoolSpec>>,
+    /// How `dns:` endpoints are resolved. Default: the system resolver, 1s timeout.
+    pub dns: Option<DnsSpec>,
     /// Virtual hosts; matched by `hosts`, `"*"` is the default vhost.
     pub vhosts: Option<Vec<VhostSpec>>,
     /// Client-side limits.
@@ -32,6 +34,11 @@ pub struct ConfigSpec {
     pub shutdown_grace: Option<Text>,
     /// Runtime worker threads. Default: the number of CPU cores.
     pub workers: Option<Spanned<usize>>,
+    /// Peers (CIDRs) whose `X-Forwarded-For` / `X-Real-IP` / PROXY protocol header is
+    /// believed for REMOTE_ADDR. Default: none.
+    pub trusted_proxies: Option<Vec<Text>>,
+    /// Access log format: `combined`, `json` or `off`. Default `combined`.
+    pub access_log: Option<Text>,
 }
 
 /// One entry of `listen`.
@@ -42,6 +49,9 @@ pub struct ListenSpec {
     pub bind: Option<Text>,
     /// Certificates; the first one is served to clients without SNI. Default: plaintext.
     pub tls: Option<Vec<TlsCertSpec>>,
+    /// Expect a PROXY protocol v1 or v2 header on every connection (from an L4 load
+    /// balancer). Default `false`.
+    pub proxy_protocol: Option<bool>,
 }
 
 /// One certificate of a TLS listener.
@@ -64,6 +74,17 @@ pub struct AdminSpec {
     pub token: Option<Text>,
 }
 
+/// `dns:`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnsSpec {
+    /// `IP` or `IP:PORT` (default port 53) of a DNS server to query directly over UDP.
+    /// Default: the system resolver (`/etc/hosts`, `resolv.conf`).
+    pub resolver: Option<Text>,
+    /// Longest wait for one resolution. Default `1s`.
+    pub timeout: Option<Text>,
+}
+
 /// One pool under `pools:`.
 #[derive(Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -80,6 +101,8 @@ pub struct PoolSpec {
     pub queue: Option<QueueSpec>,
     /// Extra attempts on another endpoint where FPM cannot have run the script. Default 1.
     pub retries: Option<Spanned<u32>>,
+    /// How often `dns:` endpoints are resolved again. Default `5s`.
+    pub resolve_interval: Option<Text>,
     /// `Retry-After` seconds on this pool's 503s. Default 1.
     pub retry_after: Option<Spanned<u32>>,
     /// Active FastCGI ping checks. Default: absent = no active checks (a ping on an FPM
@@ -95,7 +118,8 @@ pub struct PoolSpec {
 #[derive(Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EndpointSpec {
-    /// `IP:PORT`, `[IPv6]:PORT`, `localhost:PORT` or `unix:/path.sock`. Required.
+    /// `IP:PORT`, `[IPv6]:PORT`, `localhost:PORT`, `unix:/path.sock` or `dns:NAME:PORT`.
+    /// Required.
     pub addr: Option<Text>,
     /// Relative share of traffic. Default 1; 0 is an error.
     pub weight: Option<Spanned<u32>>,

@@ -19,6 +19,8 @@ pub struct Config {
     pub admin: Option<AdminConfig>,
     /// Pools in file order; names are unique.
     pub pools: Vec<PoolConfig>,
+    /// How `dns:` endpoints are resolved.
+    pub dns: DnsConfig,
     /// Vhosts in file order; host names are unique across them.
     pub vhosts: Vec<VhostConfig>,
     /// Client-side limits.
@@ -27,6 +29,89 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// Runtime worker threads; `None` = one per CPU core.
     pub workers: Option<usize>,
+    /// Peers whose forwarded-client headers are believed.
+    pub trusted_proxies: Vec<Cidr>,
+    /// Access log format.
+    pub access_log: AccessLogFormat,
+}
+
+/// How each request is logged on the `fpmgate::access` target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccessLogFormat {
+    /// Apache/nginx combined format plus request id, pool, endpoint and timings.
+    Combined,
+    /// One JSON object per line.
+    Json,
+    /// No access log.
+    Off,
+}
+
+/// An IP network (`10.0.0.0/8`, `::1/128`, or a bare address).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    /// Network address.
+    pub addr: std::net::IpAddr,
+    /// Prefix length.
+    pub prefix: u8,
+}
+
+impl Cidr {
+    /// Parses `ADDR/LEN` or a bare address (a single host).
+    pub fn parse(s: &str) -> Result<Cidr, String> {
+        let (a, p) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let addr: std::net::IpAddr = a
+            .trim()
+            .parse()
+            .map_err(|_| format!("`{s}` is not an IP address or CIDR"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match p {
+            Some(p) => p
+                .trim()
+                .parse::<u8>()
+                .ok()
+                .filter(|&n| n <= max)
+                .ok_or_else(|| format!("`{s}`: prefix length must be 0..={max}"))?,
+            None => max,
+        };
+        Ok(Cidr { addr, prefix })
+    }
+
+    /// Whether `ip` is inside this network (IPv4-mapped IPv6 addresses count as IPv4).
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        use std::net::IpAddr;
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+            v4 => v4,
+        };
+        match (self.addr, ip) {
+            (IpAddr::V4(n), IpAddr::V4(a)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(n) & mask == u32::from(a) & mask
+            }
+            (IpAddr::V6(n), IpAddr::V6(a)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(n) & mask == u128::from(a) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+/// `dns:` — how `dns:NAME:PORT` endpoints are resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsConfig {
+    /// DNS server queried directly over UDP; `None` = the system resolver (which honours
+    /// `/etc/hosts` and `resolv.conf`).
+    pub resolver: Option<SocketAddr>,
+    /// Longest wait for one resolution.
+    pub timeout: Duration,
 }
 
 /// One client listener.
@@ -36,6 +121,8 @@ pub struct ListenerConfig {
     pub bind: SocketAddr,
     /// Certificates (first = default for clients without SNI); empty = plaintext.
     pub tls: Vec<TlsCertConfig>,
+    /// Every connection starts with a PROXY protocol (v1 or v2) header.
+    pub proxy_protocol: bool,
 }
 
 /// A certificate/key pair; both files existed and were readable at load time.
@@ -73,6 +160,8 @@ pub struct PoolConfig {
     pub queue: QueueConfig,
     /// Extra attempts on another endpoint, where FPM cannot have run the script.
     pub retries: u32,
+    /// How often `dns:` endpoints are resolved again.
+    pub resolve_interval: Duration,
     /// `Retry-After` seconds on this pool's 503s.
     pub retry_after: u32,
     /// Active ping checks; `None` = endpoints are healthy unless passively ejected.
@@ -97,13 +186,22 @@ pub struct EndpointConfig {
 }
 
 /// Where an FPM endpoint listens. `Display` gives the canonical form (`127.0.0.1:9000`,
-/// `[::1]:9000`, `unix:/run/php/x.sock`), used as the endpoint's key and metric label.
+/// `[::1]:9000`, `unix:/run/php/x.sock`, `dns:fpm.svc:9000`), used as the endpoint's key and
+/// metric label.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum EndpointAddr {
     /// A TCP address.
     Tcp(SocketAddr),
     /// A unix socket path (absolute).
     Unix(PathBuf),
+    /// A DNS name resolved periodically; each address becomes a `Tcp` endpoint of the live
+    /// pool, so a running endpoint never has this form.
+    Dns {
+        /// Lowercased host name, without a trailing dot.
+        host: String,
+        /// TCP port.
+        port: u16,
+    },
 }
 
 impl fmt::Display for EndpointAddr {
@@ -111,6 +209,7 @@ impl fmt::Display for EndpointAddr {
         match self {
             EndpointAddr::Tcp(addr) => write!(f, "{addr}"),
             EndpointAddr::Unix(path) => write!(f, "unix:{}", path.display()),
+            EndpointAddr::Dns { host, port } => write!(f, "dns:{host}:{port}"),
         }
     }
 }

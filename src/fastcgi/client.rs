@@ -51,7 +51,7 @@ pub struct Failure {
 #[derive(Debug, Clone, Copy)]
 pub struct LogCtx<'a> {
     /// The request id shown in logs.
-    pub request_id: u64,
+    pub request_id: &'a str,
     /// The endpoint label.
     pub endpoint: &'a str,
 }
@@ -269,7 +269,7 @@ pub struct FcgiBody {
     read_timeout: Duration,
     last_progress: Instant,
     sleep: Option<Pin<Box<Sleep>>>,
-    request_id: u64,
+    request_id: std::sync::Arc<str>,
     /// Dropped when the body ends or is dropped: holds the pool place and the metrics guard.
     _guards: Box<dyn Send + Sync>,
 }
@@ -281,7 +281,7 @@ impl FcgiBody {
         first: Bytes,
         reusable: bool,
         read_timeout: Duration,
-        request_id: u64,
+        request_id: std::sync::Arc<str>,
         guards: Box<dyn Send + Sync>,
     ) -> FcgiBody {
         FcgiBody {
@@ -299,7 +299,7 @@ impl FcgiBody {
     fn fail(&mut self, msg: impl Into<String>) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
         let msg = msg.into();
         if let Some(conn) = self.conn.take() {
-            tracing::warn!(request_id = self.request_id, endpoint = %conn.endpoint().label, "response aborted: {msg}");
+            tracing::warn!(request_id = &*self.request_id, endpoint = %conn.endpoint().label, "response aborted: {msg}");
         }
         Poll::Ready(Some(Err(io::Error::other(msg))))
     }
@@ -332,7 +332,7 @@ impl http_body::Body for FcgiBody {
                     RecordType::Stderr => log_stderr(
                         &rec.content,
                         LogCtx {
-                            request_id: this.request_id,
+                            request_id: &this.request_id,
                             endpoint: &conn.endpoint().label,
                         },
                     ),

@@ -1,0 +1,260 @@
+//! The upstream half of a request: choose an endpoint, get a FastCGI connection (a kept one
+//! or a new one), run the exchange, and retry only where PHP cannot have run the script:
+//! a failed connect; a reused kept-alive connection that FPM had closed (the worker was
+//! recycled) before any response byte; or, for idempotent methods (all but POST, PATCH and
+//! LOCK, nginx's rule), any reset before the first response byte. Never after a response
+//! byte, and never a POST that may have started.
+
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use http::{header, Method, Response};
+use tokio::time::Instant;
+
+use crate::body::RequestBody;
+use crate::error::ProxyError;
+use crate::fastcgi::client::{self, FcgiBody, LogCtx, Outgoing, REQUEST_ID};
+use crate::fastcgi::codec::{self, ParamsWriter};
+use crate::mapping::{self, ParamSink, RequestFacts, VhostFacts};
+use crate::metrics::Metrics;
+use crate::pool::{Admit, Endpoint, Pool};
+use crate::respbody::ProxyBody;
+use crate::runtime::Vhost;
+
+/// What the access log wants to know about the upstream side.
+#[derive(Default)]
+pub struct Upstream {
+    /// The endpoint of the last attempt.
+    pub endpoint: Option<Arc<Endpoint>>,
+    /// Seconds from sending the request to the end of FPM's response head.
+    pub header_secs: Option<f64>,
+}
+
+impl ParamSink for ParamsWriter<'_> {
+    fn param(&mut self, name: &[u8], value: &[u8]) {
+        self.add(name, value);
+    }
+    fn header(&mut self, name: &[u8], value: &[u8]) {
+        self.add_header(name, value);
+    }
+}
+
+/// Runs the request on the pool's endpoints: pick, connect (or reuse), send, read the head,
+/// retrying by the rule above. Records which endpoint answered, and when, in `seen`.
+#[allow(clippy::too_many_arguments)]
+pub async fn exchange(
+    metrics: &Metrics,
+    pool: &Arc<Pool>,
+    method: &Method,
+    wire: Bytes,
+    request_body: &RequestBody,
+    key: Option<u64>,
+    rid: &Arc<str>,
+    admit: Admit,
+    max_header: usize,
+    seen: &mut Upstream,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let id: &str = rid;
+    let cfg = &pool.config;
+    let idempotent = !matches!(method.as_str(), "POST" | "PATCH" | "LOCK");
+    let mut tried: Vec<usize> = Vec::new();
+    let mut retries_left = cfg.retries;
+    // Stale kept-alive connections are retried for free: FPM recycled the worker and the
+    // script never ran, so this is not a failure of the endpoint.
+    let mut stale_left = cfg.keepalive.max_idle + 1;
+    let slot_deadline = Instant::now() + cfg.queue.timeout;
+    loop {
+        let (idx, slot) = match pool.select(&tried, key) {
+            Some(s) => s,
+            None => {
+                // Admitted but every endpoint is full: possible for a moment right after a
+                // reload rebuilt the pool while old requests still hold their slots.
+                if pool.endpoints.iter().any(|e| e.is_available()) && Instant::now() < slot_deadline
+                {
+                    tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+                    continue;
+                }
+                return Err(ProxyError::NoHealthy);
+            }
+        };
+        let ep = Arc::clone(slot.endpoint());
+        seen.endpoint = Some(Arc::clone(&ep));
+        let mut conn = match ep.connect(slot).await {
+            Ok(c) => c,
+            Err((slot, e)) => {
+                drop(slot);
+                // Passive health: a connect failure counts against the endpoint.
+                pool.passive_failure(&ep);
+                metrics
+                    .upstream_errors
+                    .with_label_values(&[pool.name(), &ep.label, "connect"])
+                    .inc();
+                tracing::warn!(request_id = id, pool = pool.name(), endpoint = %ep.label, "connect failed: {e}");
+                if retries_left > 0 {
+                    retries_left -= 1;
+                    tried.push(idx);
+                    pool.metrics.retries.inc();
+                    continue;
+                }
+                return Err(ProxyError::Connect {
+                    endpoint: ep.label.clone(),
+                    source: e,
+                });
+            }
+        };
+        let file = match request_body.reopen_file() {
+            Some(Ok(f)) => Some((f, request_body.len())),
+            Some(Err(e)) => return Err(ProxyError::BodySpool(e)),
+            None => None,
+        };
+        let sent = Instant::now();
+        let log = LogCtx {
+            request_id: id,
+            endpoint: &ep.label,
+        };
+        match client::send(
+            &mut conn,
+            Outgoing { wire: &wire, file },
+            cfg.timeouts.read,
+            cfg.timeouts.send,
+            max_header,
+            log,
+        )
+        .await
+        {
+            Ok((head, rest, reusable)) => {
+                let header_secs = sent.elapsed().as_secs_f64();
+                ep.metrics.header_duration.observe(header_secs);
+                seen.header_secs = Some(header_secs);
+                let code = head.status;
+                metrics
+                    .upstream_requests
+                    .with_label_values(&[pool.name(), &ep.label, code.as_str()])
+                    .inc();
+                if code.is_informational() {
+                    // Passive health: a protocol error counts against the endpoint.
+                    pool.passive_failure(&ep);
+                    return Err(ProxyError::UpstreamProtocol(format!(
+                        "FPM sent final status {code}"
+                    )));
+                }
+                // Passive health: a complete response head ends a run of failures.
+                pool.passive_success(&ep);
+                let body = FcgiBody::new(
+                    conn,
+                    rest,
+                    reusable,
+                    cfg.timeouts.read,
+                    Arc::clone(rid),
+                    Box::new(admit),
+                );
+                let mut resp = Response::new(ProxyBody::Fcgi(body));
+                *resp.status_mut() = code;
+                *resp.headers_mut() = head.headers;
+                if method == Method::HEAD {
+                    // PHP sends no body for HEAD; read to END_REQUEST so the connection is reused.
+                    return Ok(drain_head(resp).await);
+                }
+                return Ok(resp);
+            }
+            Err(f) => {
+                let reused = conn.reused;
+                drop(conn);
+                metrics
+                    .upstream_errors
+                    .with_label_values(&[pool.name(), &ep.label, f.error.cause()])
+                    .inc();
+                let before_response = !f.any_byte && f.closed;
+                if before_response && reused && stale_left > 0 {
+                    stale_left -= 1;
+                    tracing::debug!(request_id = id, endpoint = %ep.label, "kept connection was stale; retrying");
+                    continue;
+                }
+                // Passive health: resets before any response byte, protocol errors and read
+                // timeouts count against the endpoint (a stale kept connection does not).
+                if matches!(
+                    f.error,
+                    ProxyError::ReadTimeout | ProxyError::UpstreamProtocol(_)
+                ) || (before_response && matches!(f.error, ProxyError::UpstreamReset(_)))
+                {
+                    pool.passive_failure(&ep);
+                }
+                if before_response && idempotent && retries_left > 0 {
+                    retries_left -= 1;
+                    tried.push(idx);
+                    pool.metrics.retries.inc();
+                    tracing::warn!(request_id = id, endpoint = %ep.label, "FPM closed before answering; retrying: {}", f.error);
+                    continue;
+                }
+                return Err(f.error);
+            }
+        }
+    }
+}
+
+/// Encodes BEGIN_REQUEST, PARAMS and, for in-memory bodies, STDIN with its terminator, into
+/// one buffer written with one syscall on the common path.
+pub fn encode_request(
+    facts: &RequestFacts<'_>,
+    vhost: &Vhost,
+    pool: &Pool,
+    script: (&str, &str, &str),
+    body: &RequestBody,
+) -> Bytes {
+    let body_len = match body {
+        RequestBody::Memory(b) => {
+            b.len() + (b.len() / codec::MAX_CONTENT_LEN + 1) * codec::HEADER_LEN
+        }
+        _ => 0,
+    };
+    let mut wire = BytesMut::with_capacity(2048 + body_len);
+    codec::put_begin_request(&mut wire, REQUEST_ID, pool.config.keepalive.max_idle > 0);
+    let mut params = ParamsWriter::new(&mut wire, REQUEST_ID);
+    let vf = VhostFacts {
+        first_host: &vhost.first_host,
+        root: &vhost.root,
+        extra_params: &pool.config.params,
+    };
+    mapping::write_params(facts, &vf, script, &mut params);
+    params.finish();
+    match body {
+        RequestBody::Memory(b) => {
+            codec::put_stdin(&mut wire, REQUEST_ID, b);
+            codec::put_stdin_end(&mut wire, REQUEST_ID);
+        }
+        RequestBody::Empty => codec::put_stdin_end(&mut wire, REQUEST_ID),
+        // The file's records and the terminator follow the wire buffer.
+        RequestBody::File { .. } => {}
+    }
+    wire.freeze()
+}
+
+async fn drain_head(resp: Response<ProxyBody>) -> Response<ProxyBody> {
+    use http_body_util::BodyExt;
+    let (parts, mut body) = resp.into_parts();
+    // Bounded: a misbehaving script's output for HEAD is discarded after 1 MiB.
+    let mut seen = 0usize;
+    while let Some(Ok(frame)) = body.frame().await {
+        if let Some(d) = frame.data_ref() {
+            seen += d.len();
+            if seen > 1 << 20 {
+                break;
+            }
+        }
+    }
+    Response::from_parts(parts, ProxyBody::Empty)
+}
+
+pub fn cookie_value<'h>(headers: &'h http::HeaderMap, name: &str) -> Option<&'h [u8]> {
+    for h in headers.get_all(header::COOKIE) {
+        for part in h.as_bytes().split(|b| *b == b';') {
+            let part = part.trim_ascii();
+            if let Some(rest) = part.strip_prefix(name.as_bytes()) {
+                if let Some(v) = rest.strip_prefix(b"=") {
+                    return Some(v);
+                }
+            }
+        }
+    }
+    None
+}
