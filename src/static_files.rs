@@ -86,23 +86,57 @@ pub async fn serve(
                 == Some(last_modified.as_str())
         }
     };
+    // A Range is honoured only while the validator still matches (If-Range), as RFC 9110
+    // requires; a single range is served as 206, several ranges fall back to the whole file.
+    let if_range_ok = match headers.get(header::IF_RANGE).and_then(|v| v.to_str().ok()) {
+        None => true,
+        Some(v) => v == etag || v == last_modified,
+    };
+    let range = headers
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok())
+        .filter(|_| if_range_ok && !not_modified)
+        .map(|v| parse_range(v, len));
     let mut resp = if not_modified {
         let mut r = Response::new(ProxyBody::Empty);
         *r.status_mut() = StatusCode::NOT_MODIFIED;
         r
-    } else if method == Method::HEAD {
+    } else if let Some(Err(())) = range {
         let mut r = Response::new(ProxyBody::Empty);
-        r.headers_mut()
-            .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+        *r.status_mut() = StatusCode::RANGE_NOT_SATISFIABLE;
+        if let Ok(v) = HeaderValue::from_str(&format!("bytes */{len}")) {
+            r.headers_mut().insert(header::CONTENT_RANGE, v);
+        }
         r
     } else {
-        let mut r = Response::new(ProxyBody::File(FileBody {
-            file,
-            remaining: len,
-            buf: vec![0; CHUNK.min(len as usize).max(1)],
-        }));
+        let (start, count) = match range {
+            Some(Ok(Some((a, b)))) => (a, b - a + 1),
+            _ => (0, len),
+        };
+        let mut r = if method == Method::HEAD {
+            Response::new(ProxyBody::Empty)
+        } else {
+            let mut file = file;
+            if start > 0 {
+                use tokio::io::AsyncSeekExt;
+                file.seek(std::io::SeekFrom::Start(start))
+                    .await
+                    .map_err(|_| ProxyError::NotFound)?;
+            }
+            Response::new(ProxyBody::File(FileBody {
+                file,
+                remaining: count,
+                buf: vec![0; CHUNK.min(count as usize).max(1)],
+            }))
+        };
+        if let Some(Ok(Some((a, b)))) = range {
+            *r.status_mut() = StatusCode::PARTIAL_CONTENT;
+            if let Ok(v) = HeaderValue::from_str(&format!("bytes {a}-{b}/{len}")) {
+                r.headers_mut().insert(header::CONTENT_RANGE, v);
+            }
+        }
         r.headers_mut()
-            .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(count));
         r
     };
     let h = resp.headers_mut();
@@ -116,8 +150,43 @@ pub async fn serve(
         header::CONTENT_TYPE,
         HeaderValue::from_static(content_type(path)),
     );
-    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("none"));
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
     Ok(resp)
+}
+
+/// One `bytes=` range of a file of `len` bytes: `Ok(Some((first, last)))` inclusive,
+/// `Ok(None)` for forms served as the whole file (several ranges, other units),
+/// `Err(())` when unsatisfiable (416).
+fn parse_range(v: &str, len: u64) -> Result<Option<(u64, u64)>, ()> {
+    let Some(spec) = v.trim().strip_prefix("bytes=") else {
+        return Ok(None);
+    };
+    if spec.contains(',') {
+        return Ok(None);
+    }
+    let (a, b) = spec.split_once('-').ok_or(())?;
+    let (a, b) = (a.trim(), b.trim());
+    let num = |s: &str| s.parse::<u64>().map_err(|_| ());
+    let (first, last) = if a.is_empty() {
+        // Suffix range: the last N bytes.
+        let n = num(b)?;
+        if n == 0 || len == 0 {
+            return Err(());
+        }
+        (len.saturating_sub(n), len - 1)
+    } else {
+        let first = num(a)?;
+        let last = if b.is_empty() {
+            len.saturating_sub(1)
+        } else {
+            num(b)?.min(len.saturating_sub(1))
+        };
+        (first, last)
+    };
+    if len == 0 || first >= len || first > last {
+        return Err(());
+    }
+    Ok(Some((first, last)))
 }
 
 /// A file streamed in chunks of at most 64 KiB.
@@ -259,6 +328,21 @@ pub fn rfc3339(t: SystemTime) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ranges() {
+        assert_eq!(parse_range("bytes=0-9", 100), Ok(Some((0, 9))));
+        assert_eq!(parse_range("bytes=90-", 100), Ok(Some((90, 99))));
+        assert_eq!(parse_range("bytes=-10", 100), Ok(Some((90, 99))));
+        assert_eq!(parse_range("bytes=-200", 100), Ok(Some((0, 99))));
+        assert_eq!(parse_range("bytes=50-500", 100), Ok(Some((50, 99))));
+        assert_eq!(parse_range("bytes=0-1,5-6", 100), Ok(None));
+        assert_eq!(parse_range("items=0-1", 100), Ok(None));
+        assert_eq!(parse_range("bytes=100-", 100), Err(()));
+        assert_eq!(parse_range("bytes=9-3", 100), Err(()));
+        assert_eq!(parse_range("bytes=x-3", 100), Err(()));
+        assert_eq!(parse_range("bytes=-0", 100), Err(()));
+    }
 
     #[test]
     fn httpdate_formats_known_instants() {

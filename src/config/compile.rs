@@ -203,10 +203,23 @@ impl Ctx {
         })
     }
 
-    /// `path` as written, or joined to the config file's directory when relative.
+    /// `path` as written, or joined to the config file's directory when relative, with `.`
+    /// and `..` resolved lexically so that labels (`unix:` endpoints in metrics) and log
+    /// lines show the path users expect, not `config/../run/php.sock`.
     pub(super) fn resolve(&self, path: &str) -> PathBuf {
         let joined = self.base.join(path);
-        std::path::absolute(&joined).unwrap_or(joined)
+        let abs = std::path::absolute(&joined).unwrap_or(joined);
+        let mut out = PathBuf::new();
+        for c in abs.components() {
+            match c {
+                std::path::Component::ParentDir => {
+                    out.pop();
+                }
+                std::path::Component::CurDir => {}
+                other => out.push(other),
+            }
+        }
+        out
     }
 
     fn socket_addr(&mut self, t: &Text, path: &str) -> Option<SocketAddr> {

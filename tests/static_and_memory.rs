@@ -1,0 +1,215 @@
+//! Static files (conditional GET, ranges, HEAD, types) and flat proxy memory while
+//! streaming large bodies: a 100 MiB static file and a 1 GiB PHP response.
+
+mod support;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use support::{client, php_root, shared_fpm, Gate};
+
+fn gate_with_static(dir: &std::path::Path) -> Gate {
+    Gate::start(&format!(
+        r#"
+listen: [ {{ bind: "127.0.0.1:0" }} ]
+pools:
+  main:
+    endpoints: [ {{ addr: "{}" }} ]
+vhosts:
+  - hosts: ["*"]
+    root: {}
+    static: {}
+    pool: main
+    index: index.php
+access_log: off
+"#,
+        shared_fpm().endpoint(),
+        php_root().display(),
+        dir.display()
+    ))
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    s.lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Samples the process's RSS every 20 ms until stopped; returns the peak.
+fn sample_peak(pid: u32) -> (Arc<AtomicBool>, Arc<AtomicU64>, std::thread::JoinHandle<()>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let peak = Arc::new(AtomicU64::new(0));
+    let (s, p) = (stop.clone(), peak.clone());
+    let h = std::thread::spawn(move || {
+        while !s.load(Ordering::Relaxed) {
+            p.fetch_max(rss_kib(pid), Ordering::Relaxed);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
+    (stop, peak, h)
+}
+
+#[tokio::test]
+async fn static_files_conditional_range_and_head() {
+    let dir = tempfile::tempdir().unwrap();
+    let data: Vec<u8> = (0..10_000u32).map(|i| (i % 256) as u8).collect();
+    std::fs::write(dir.path().join("app.js"), &data).unwrap();
+    std::fs::write(dir.path().join(".env"), "SECRET=1").unwrap();
+    std::fs::create_dir(dir.path().join("sub")).unwrap();
+    let g = gate_with_static(dir.path());
+    let c = client();
+
+    let r = c.get(g.url("/app.js")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.headers()["content-type"],
+        "text/javascript; charset=utf-8"
+    );
+    assert_eq!(r.headers()["accept-ranges"], "bytes");
+    let etag = r.headers()["etag"].to_str().unwrap().to_string();
+    let lm = r.headers()["last-modified"].to_str().unwrap().to_string();
+    assert_eq!(r.bytes().await.unwrap(), data);
+
+    let r = c
+        .get(g.url("/app.js"))
+        .header("If-None-Match", &etag)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 304);
+    let r = c
+        .get(g.url("/app.js"))
+        .header("If-Modified-Since", &lm)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 304);
+
+    let r = c
+        .get(g.url("/app.js"))
+        .header("Range", "bytes=100-199")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 206);
+    assert_eq!(r.headers()["content-range"], "bytes 100-199/10000");
+    assert_eq!(r.bytes().await.unwrap(), &data[100..200]);
+    let r = c
+        .get(g.url("/app.js"))
+        .header("Range", "bytes=-5")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.bytes().await.unwrap(), &data[9995..]);
+    let r = c
+        .get(g.url("/app.js"))
+        .header("Range", "bytes=20000-")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 416);
+    assert_eq!(r.headers()["content-range"], "bytes */10000");
+    let r = c
+        .get(g.url("/app.js"))
+        .header("Range", "bytes=0-9")
+        .header("If-Range", "\"stale\"")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "a stale If-Range gets the whole file");
+
+    let r = c.head(g.url("/app.js")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-length"], "10000");
+
+    // Dotfiles are never served; directories and unknown paths go to the front controller.
+    let r = c.get(g.url("/.env")).send().await.unwrap();
+    assert!(!r.text().await.unwrap().contains("SECRET"));
+    let r = c.post(g.url("/app.js")).send().await.unwrap();
+    assert_ne!(
+        r.status(),
+        200,
+        "POST to a static file is not served as the file"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hundred_mib_static_file_streams_with_flat_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("big.bin");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&path).unwrap();
+        let block: Vec<u8> = (0..1024 * 1024u32).map(|i| (i * 7 % 251) as u8).collect();
+        for _ in 0..100 {
+            f.write_all(&block).unwrap();
+        }
+    }
+    let g = gate_with_static(dir.path());
+    // Warm up, then measure.
+    client()
+        .get(g.url("/app-missing.txt"))
+        .send()
+        .await
+        .unwrap();
+    let base = rss_kib(g.pid());
+    let (stop, peak, h) = sample_peak(g.pid());
+    let mut r = client().get(g.url("/big.bin")).send().await.unwrap();
+    let mut n = 0usize;
+    while let Some(chunk) = r.chunk().await.unwrap() {
+        n += chunk.len();
+    }
+    stop.store(true, Ordering::Relaxed);
+    h.join().unwrap();
+    assert_eq!(n, 100 * 1024 * 1024);
+    let grew = peak.load(Ordering::Relaxed).saturating_sub(base);
+    eprintln!("static 100 MiB: base {base} KiB, peak growth {grew} KiB");
+    assert!(
+        grew < 10 * 1024,
+        "proxy RSS grew by {grew} KiB while serving 100 MiB"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_gib_php_response_streams_with_flat_memory() {
+    let g = Gate::start(&format!(
+        r#"
+listen: [ {{ bind: "127.0.0.1:0" }} ]
+pools:
+  main:
+    endpoints: [ {{ addr: "{}" }} ]
+vhosts:
+  - hosts: ["*"]
+    root: {}
+    pool: main
+access_log: off
+"#,
+        shared_fpm().endpoint(),
+        php_root().display()
+    ));
+    client().get(g.url("/pid.php")).send().await.unwrap();
+    let base = rss_kib(g.pid());
+    let (stop, peak, h) = sample_peak(g.pid());
+    let total = 1usize << 30;
+    let mut r = client()
+        .get(g.url(&format!("/big.php?bytes={total}")))
+        .send()
+        .await
+        .unwrap();
+    let mut n = 0usize;
+    while let Some(chunk) = r.chunk().await.unwrap() {
+        n += chunk.len();
+    }
+    stop.store(true, Ordering::Relaxed);
+    h.join().unwrap();
+    assert_eq!(n, total);
+    let grew = peak.load(Ordering::Relaxed).saturating_sub(base);
+    eprintln!("PHP 1 GiB: base {base} KiB, peak growth {grew} KiB");
+    assert!(
+        grew < 16 * 1024,
+        "proxy RSS grew by {grew} KiB while streaming 1 GiB"
+    );
+}
