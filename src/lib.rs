@@ -12,6 +12,7 @@ pub mod app;
 pub mod body;
 pub mod cli;
 pub mod config;
+pub mod conn_clock;
 pub mod dns;
 pub mod error;
 pub mod fastcgi;

@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Limits;
+use crate::conn_clock::{Clock, Verdict, Watched};
 use crate::metrics::Metrics;
 use crate::proxy::{ConnInfo, Proxy};
 
@@ -46,7 +47,8 @@ pub fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     // also bounds the idle wait between kept-alive requests.
     b.http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_timeout)
+        // Head and idle timers are ours (conn_clock): hyper's restarts on idle reads.
+        .header_read_timeout(None)
         .max_buf_size(limits.max_header_bytes.max(8192))
         .title_case_headers(true)
         .keep_alive(true);
@@ -130,7 +132,7 @@ pub async fn accept_loop(
                         local,
                         tls: None,
                     });
-                    serve_connection(TokioIo::new(stream), info, &s2).await;
+                    serve_connection(stream, info, &s2, false).await;
                 }
                 Some(cfg) => {
                     // A handshake gets the same budget as a request head: a client that
@@ -147,7 +149,8 @@ pub async fn accept_loop(
                                 local,
                                 tls: Some(proto),
                             });
-                            serve_connection(TokioIo::new(tls_stream), info, &s2).await;
+                            let h2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");
+                            serve_connection(tls_stream, info, &s2, h2).await;
                         }
                         Ok(Err(e)) => tracing::debug!(%remote, "TLS handshake failed: {e}"),
                         Err(_) => tracing::debug!(%remote, "TLS handshake timed out"),
@@ -160,25 +163,55 @@ pub async fn accept_loop(
     }
 }
 
-/// Serves one accepted connection (plain or already TLS-terminated) to its end.
-pub async fn serve_connection<I>(io: I, info: Arc<ConnInfo>, s: &Serve)
+/// Serves one accepted connection (plain or already TLS-terminated) to its end, with the
+/// header and idle timers of [`Clock`] watching it. `h2` when ALPN chose HTTP/2.
+pub async fn serve_connection<I>(io: I, info: Arc<ConnInfo>, s: &Serve, h2: bool)
 where
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let builder = http_builder(s.proxy.shared.load().limits());
+    let limits = s.proxy.shared.load().limits().clone();
+    let builder = http_builder(&limits);
+    let clock = Clock::new(h2);
     let proxy = s.proxy.clone();
-    let service = service_fn(move |req| proxy.clone().handle(req, info.clone()));
-    let conn = builder.serve_connection(io, service);
-    tokio::pin!(conn);
-    tokio::select! {
-        res = conn.as_mut() => {
-            if let Err(e) = res {
-                tracing::debug!("client connection ended: {e}");
-            }
+    let svc_clock = clock.clone();
+    let service = service_fn(move |req| {
+        let in_flight = svc_clock.begin();
+        let fut = proxy.clone().handle(req, info.clone());
+        async move {
+            let mut resp = fut.await?;
+            resp.body_mut().hold(in_flight);
+            Ok::<_, std::convert::Infallible>(resp)
         }
-        _ = s.shutdown.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            let _ = conn.await;
+    });
+    let conn = builder.serve_connection(TokioIo::new(Watched::new(io, clock.clone())), service);
+    tokio::pin!(conn);
+    // Half the shorter timeout, so either fires within 1.5x of its setting; at most 1 s.
+    let period = (limits.header_timeout.min(limits.idle_timeout) / 2)
+        .clamp(Duration::from_millis(50), Duration::from_secs(1));
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            res = conn.as_mut() => {
+                if let Err(e) = res {
+                    tracing::debug!("client connection ended: {e}");
+                }
+                return;
+            }
+            _ = s.shutdown.cancelled(), if !closing => {
+                closing = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            _ = tick.tick(), if !closing => match clock.check(limits.header_timeout, limits.idle_timeout) {
+                Verdict::Fine => {}
+                Verdict::Idle => {
+                    closing = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+                // A slowloris head: no answer owed, drop the socket.
+                Verdict::SlowHead => return,
+            },
         }
     }
 }

@@ -10,6 +10,7 @@ use bytes::Bytes;
 use http_body::{Frame, SizeHint};
 
 use crate::access::Completion;
+use crate::conn_clock::InFlight;
 use crate::fastcgi::client::FcgiBody;
 use crate::static_files::FileBody;
 
@@ -72,12 +73,23 @@ impl http_body::Body for ProxyBody {
 pub struct ResponseBody {
     kind: ProxyBody,
     done: Option<Box<Completion>>,
+    in_flight: Option<InFlight>,
 }
 
 impl ResponseBody {
     /// Wraps a body; `done` runs when it ends or is dropped.
     pub fn new(kind: ProxyBody, done: Option<Box<Completion>>) -> ResponseBody {
-        ResponseBody { kind, done }
+        ResponseBody {
+            kind,
+            done,
+            in_flight: None,
+        }
+    }
+
+    /// Keeps the connection's in-flight mark until the body ends (the idle timer starts
+    /// only then).
+    pub fn hold(&mut self, in_flight: InFlight) {
+        self.in_flight = Some(in_flight);
     }
 }
 
@@ -97,7 +109,10 @@ impl http_body::Body for ResponseBody {
                     done.bytes += d.len() as u64;
                 }
             }
-            Poll::Ready(_) => this.done = None,
+            Poll::Ready(_) => {
+                this.done = None;
+                this.in_flight = None;
+            }
             Poll::Pending => {}
         }
         r

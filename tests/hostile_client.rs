@@ -105,6 +105,48 @@ fn slowloris_head_is_cut_at_header_timeout() {
 }
 
 #[test]
+fn idle_timeout_is_separate_from_header_timeout() {
+    let g = gate("limits: { header_timeout: 1s, idle_timeout: 3s }", "");
+    let mut s = TcpStream::connect(g.http).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let req = b"GET /pid.php HTTP/1.1\r\nHost: x\r\n\r\n";
+    let mut buf = [0u8; 4096];
+    s.write_all(req).unwrap();
+    assert!(s.read(&mut buf).unwrap() > 0);
+    // Idle for longer than header_timeout but less than idle_timeout: still usable.
+    std::thread::sleep(Duration::from_millis(1800));
+    s.write_all(req).unwrap();
+    let n = s.read(&mut buf).unwrap();
+    assert!(
+        String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"),
+        "closed before idle_timeout"
+    );
+    // Past idle_timeout the server closes the connection.
+    let t = Instant::now();
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest);
+    let e = t.elapsed();
+    assert!(
+        e > Duration::from_millis(2500) && e < Duration::from_millis(4900),
+        "closed after {e:?}"
+    );
+}
+
+#[test]
+fn silent_connection_is_closed_at_header_timeout() {
+    let g = gate("limits: { header_timeout: 1s, idle_timeout: 30s }", "");
+    let mut s = TcpStream::connect(g.http).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let t = Instant::now();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    assert!(
+        t.elapsed() < Duration::from_millis(2500),
+        "a socket that never sends a request is closed at header_timeout"
+    );
+}
+
+#[test]
 fn slow_body_is_cut_at_body_timeout() {
     let g = gate("limits: { body_timeout: 1s }", "");
     let mut s = TcpStream::connect(g.http).unwrap();

@@ -1,0 +1,218 @@
+//! Client connection timers that hyper does not give us: `header_timeout` (a request head
+//! must arrive within this time of its first byte, however slowly it trickles) and
+//! `idle_timeout` (a kept-alive connection with no request in flight closes after this).
+//! hyper's own header timer restarts on every read of an idle connection, which makes the
+//! two the same number; here they are separate.
+//!
+//! The clock is shared by the connection's IO wrapper (which sees bytes arrive), the
+//! service (which sees a request start) and the response body (which sees it end).
+
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::pool::endpoint::now_ms;
+
+/// Per-connection state.
+#[derive(Debug)]
+pub struct Clock {
+    inflight: AtomicUsize,
+    idle_since: AtomicU64,
+    /// When the first byte of the next request head arrived (0 = none yet).
+    head_since: AtomicU64,
+    /// HTTP/2: no head timer (pings and window updates arrive between requests).
+    h2: AtomicBool,
+    first_read: AtomicBool,
+}
+
+/// What the watchdog should do.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Nothing.
+    Fine,
+    /// Idle past `idle_timeout`: close gracefully.
+    Idle,
+    /// A request head is taking longer than `header_timeout`: drop the connection.
+    SlowHead,
+}
+
+impl Clock {
+    /// A clock for a connection accepted now. `h2` when ALPN already said so. An HTTP/1
+    /// connection owes its first request head within `header_timeout` of the accept, so
+    /// sockets opened and left silent are not kept for a whole idle period.
+    pub fn new(h2: bool) -> Arc<Clock> {
+        let now = now_ms();
+        Arc::new(Clock {
+            inflight: AtomicUsize::new(0),
+            idle_since: AtomicU64::new(now),
+            head_since: AtomicU64::new(if h2 { 0 } else { now.max(1) }),
+            h2: AtomicBool::new(h2),
+            first_read: AtomicBool::new(true),
+        })
+    }
+
+    fn on_read(&self, first_bytes: &[u8]) {
+        if self.first_read.swap(false, Ordering::Relaxed) && first_bytes.starts_with(b"PRI ") {
+            self.h2.store(true, Ordering::Relaxed);
+            self.head_since.store(0, Ordering::Relaxed);
+            return;
+        }
+        if self.inflight.load(Ordering::Relaxed) == 0
+            && self.head_since.load(Ordering::Relaxed) == 0
+        {
+            self.head_since.store(now_ms().max(1), Ordering::Relaxed);
+        }
+    }
+
+    /// A request head was parsed and handed to the service.
+    pub fn begin(self: &Arc<Self>) -> InFlight {
+        self.inflight.fetch_add(1, Ordering::Relaxed);
+        self.head_since.store(0, Ordering::Relaxed);
+        InFlight(Arc::clone(self))
+    }
+
+    /// The watchdog's decision at this moment.
+    pub fn check(&self, header_timeout: Duration, idle_timeout: Duration) -> Verdict {
+        if self.inflight.load(Ordering::Relaxed) > 0 {
+            return Verdict::Fine;
+        }
+        let now = now_ms();
+        let head = self.head_since.load(Ordering::Relaxed);
+        if head != 0 && !self.h2.load(Ordering::Relaxed) {
+            if now.saturating_sub(head) > header_timeout.as_millis() as u64 {
+                return Verdict::SlowHead;
+            }
+            return Verdict::Fine;
+        }
+        if now.saturating_sub(self.idle_since.load(Ordering::Relaxed))
+            > idle_timeout.as_millis() as u64
+        {
+            return Verdict::Idle;
+        }
+        Verdict::Fine
+    }
+}
+
+/// Held by a response until its body ends.
+#[derive(Debug)]
+pub struct InFlight(Arc<Clock>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if self.0.inflight.fetch_sub(1, Ordering::Relaxed) == 1 {
+            self.0.idle_since.store(now_ms(), Ordering::Relaxed);
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The connection's IO, reporting reads to the clock.
+    pub struct Watched<I> {
+        #[pin]
+        inner: I,
+        clock: Arc<Clock>,
+    }
+}
+
+impl<I> Watched<I> {
+    /// Wraps `inner`.
+    pub fn new(inner: I, clock: Arc<Clock>) -> Watched<I> {
+        Watched { inner, clock }
+    }
+}
+
+impl<I: AsyncRead> AsyncRead for Watched<I> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.project();
+        let before = buf.filled().len();
+        let r = this.inner.poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = r {
+            let got = &buf.filled()[before..];
+            if !got.is_empty() {
+                this.clock.on_read(got);
+            }
+        }
+        r
+    }
+}
+
+impl<I: AsyncWrite> AsyncWrite for Watched<I> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.project().inner.poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.project().inner.poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn head_then_idle_then_head() {
+        let c = Clock::new(false);
+        let (head, idle) = (Duration::from_millis(40), Duration::from_millis(120));
+        assert_eq!(c.check(head, idle), Verdict::Fine);
+        std::thread::sleep(Duration::from_millis(60));
+        assert_eq!(
+            c.check(head, idle),
+            Verdict::SlowHead,
+            "no request within header_timeout of the accept"
+        );
+
+        let c = Clock::new(false);
+        c.on_read(b"GET / HTTP/1.1\r\n");
+        let g = c.begin();
+        std::thread::sleep(Duration::from_millis(60));
+        assert_eq!(
+            c.check(head, idle),
+            Verdict::Fine,
+            "a request in flight is never timed out here"
+        );
+        drop(g);
+        std::thread::sleep(Duration::from_millis(60));
+        assert_eq!(
+            c.check(head, idle),
+            Verdict::Fine,
+            "idle, but less than idle_timeout"
+        );
+        std::thread::sleep(Duration::from_millis(80));
+        assert_eq!(c.check(head, idle), Verdict::Idle);
+
+        let c = Clock::new(false);
+        c.on_read(b"PRI * HTTP/2.0\r\n");
+        std::thread::sleep(Duration::from_millis(60));
+        assert_eq!(
+            c.check(head, idle),
+            Verdict::Fine,
+            "HTTP/2 has no head timer"
+        );
+    }
+}
