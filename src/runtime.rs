@@ -5,6 +5,9 @@
 //! State carries over by name: a pool whose definition did not change is kept whole (queue,
 //! in-flight counts); an endpoint whose pool and address did not change keeps its health,
 //! counters and idle connections even when the pool around it is rebuilt.
+//!
+//! `dns:` entries run as one endpoint per address in the DNS cache, so a changed answer is
+//! a rebuild like a reload: addresses that stay keep their endpoint, gone ones drain.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -14,6 +17,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 
 use crate::config::{Config, Limits, PoolConfig, RouteMatch as CfgRouteMatch};
+use crate::dns::{self, DnsMap};
 use crate::metrics::Metrics;
 use crate::pool::{ConnSettings, Endpoint, Pool};
 use crate::router::{RouteMatch, Router, VhostRoutes};
@@ -65,13 +69,14 @@ fn conn_settings(p: &PoolConfig) -> ConnSettings {
 }
 
 /// Builds a runtime, carrying over what `prev` has that did not change. Endpoints that left
-/// the config are marked draining and lose their idle connections; their in-flight requests
-/// finish on their own.
+/// the config (or the DNS answer of a `dns:` entry, looked up in `dns`) are marked draining
+/// and lose their idle connections; their in-flight requests finish on their own.
 pub fn build(
     config: Config,
     prev: Option<&Runtime>,
     metrics: &Arc<Metrics>,
     generation: u64,
+    dns: &DnsMap,
 ) -> Runtime {
     let config = Arc::new(config);
     let mut old_pools: HashMap<&str, &Arc<Pool>> = HashMap::new();
@@ -88,9 +93,17 @@ pub fn build(
     let mut pools = Vec::with_capacity(config.pools.len());
     let mut kept_endpoints: Vec<(String, String)> = Vec::new();
     for pc in &config.pools {
-        // Same definition → same pool object: its queue and admission state stay exact.
+        let endpoint_configs = dns::expand_endpoints(pc, dns);
+        // Same definition (and DNS answers) → same pool object: its queue and admission
+        // state stay exact.
         if let Some(old) = old_pools.get(pc.name.as_str()) {
-            if format!("{:?}", old.config) == format!("{pc:?}") {
+            if format!("{:?}", old.config) == format!("{pc:?}")
+                && old
+                    .endpoints
+                    .iter()
+                    .map(|e| &e.addr)
+                    .eq(endpoint_configs.iter().map(|e| &e.addr))
+            {
                 for ep in &old.endpoints {
                     kept_endpoints.push((pc.name.clone(), ep.label.clone()));
                 }
@@ -99,8 +112,7 @@ pub fn build(
             }
         }
         let settings = conn_settings(pc);
-        let endpoints = pc
-            .endpoints
+        let endpoints = endpoint_configs
             .iter()
             .map(|ec| {
                 let label = ec.addr.to_string();
@@ -110,11 +122,16 @@ pub fn build(
                         old.update(ec, settings);
                         Arc::clone(old)
                     }
-                    None => Arc::new(Endpoint::new(
-                        ec,
-                        settings,
-                        metrics.endpoint(&pc.name, &label),
-                    )),
+                    None => {
+                        let ep = Endpoint::new(ec, settings, metrics.endpoint(&pc.name, &label));
+                        // At boot every endpoint starts up so a restart serves at once; one
+                        // added later (reload, DNS) must first pass `rise` checks, as the
+                        // pool already has endpoints that are known to work.
+                        if prev.is_some() && pc.health.as_ref().is_some_and(|h| h.rise > 0) {
+                            ep.start_unverified();
+                        }
+                        Arc::new(ep)
+                    }
                 }
             })
             .collect();
@@ -210,6 +227,21 @@ pub fn build(
         pools,
         config,
     }
+}
+
+/// Builds a runtime from `config` on top of the running one and stores it as the next
+/// generation; returns that generation. `dns` is the locked DNS cache: holding its lock
+/// serialises rebuilds (a reload and a DNS change each build from the running runtime, and
+/// without it the second store would undo the first). Names no longer in `config` are
+/// dropped from the cache.
+pub fn rebuild(shared: &Shared, config: Config, metrics: &Arc<Metrics>, dns: &mut DnsMap) -> u64 {
+    let names: Vec<dns::DnsKey> = dns::targets(&config).iter().map(|(t, _)| t.key()).collect();
+    dns.retain(|k, _| names.contains(k));
+    let old = shared.load_full();
+    let generation = old.generation + 1;
+    let new = build(config, Some(&old), metrics, generation, dns);
+    shared.store(Arc::new(new));
+    generation
 }
 
 /// Closes idle connections past their idle timeout in every pool, so kept connections stop

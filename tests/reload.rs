@@ -221,3 +221,56 @@ async fn sigterm_lets_in_flight_requests_finish() {
         .expect("fpmgate exited");
     assert!(status.success(), "{status:?}");
 }
+
+#[tokio::test]
+async fn endpoint_added_by_reload_waits_for_rise_checks() {
+    let (a, b) = (fpm("a", 2), fpm("b", 2));
+    let cfg = |endpoints: &str| {
+        format!(
+            r#"
+listen: [ {{ bind: "127.0.0.1:0" }} ]
+admin: {{ bind: "127.0.0.1:0" }}
+pools:
+  p:
+    endpoints: [ {endpoints} ]
+    balance: round_robin
+    health: {{ interval: 400ms, timeout: 300ms, rise: 3, fall: 2 }}
+vhosts:
+  - hosts: ["*"]
+    root: {}
+    pool: p
+"#,
+            php_root().display()
+        )
+    };
+    let g = Gate::start(&cfg(&format!("{{ addr: \"{}\" }}", a.endpoint())));
+    assert_eq!(which_pool(&g).await, "a");
+    g.rewrite_config(&cfg(&format!(
+        "{{ addr: \"{}\" }}, {{ addr: \"{}\" }}",
+        a.endpoint(),
+        b.endpoint()
+    )));
+    g.signal("HUP");
+    assert!(g.wait_for_log("config reloaded", Duration::from_secs(5)));
+    // Right after the reload the new endpoint has not passed its checks yet.
+    for _ in 0..10 {
+        assert_eq!(which_pool(&g).await, "a");
+    }
+    // After `rise` good pings it takes its share.
+    let t = Instant::now();
+    loop {
+        if which_pool(&g).await == "b" {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "the added endpoint never came up"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        t.elapsed() >= Duration::from_millis(600),
+        "came up after {:?}, before 3 checks",
+        t.elapsed()
+    );
+}

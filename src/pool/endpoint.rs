@@ -179,6 +179,13 @@ impl Endpoint {
         self.metrics.up.set(i64::from(self.is_available()));
     }
 
+    /// Marks a newly added endpoint down until active checks have seen it `rise` times.
+    pub fn start_unverified(&self) {
+        self.health().counter.force_down();
+        self.up.store(false, Ordering::Relaxed);
+        self.sync_up_metric();
+    }
+
     /// The health state, for a short synchronous critical section.
     pub(crate) fn health(&self) -> MutexGuard<'_, EndpointHealth> {
         self.health.lock().unwrap_or_else(|e| e.into_inner())
@@ -281,6 +288,14 @@ impl Endpoint {
         let target = match &self.addr {
             EndpointAddr::Tcp(a) => Target::Tcp(*a),
             EndpointAddr::Unix(p) => Target::Unix(p),
+            // The runtime makes one endpoint per resolved address; a name is never dialled.
+            EndpointAddr::Dns { .. } => {
+                let e = std::io::Error::new(
+                    std::io::ErrorKind::AddrNotAvailable,
+                    "unresolved DNS endpoint",
+                );
+                return Err((slot, e));
+            }
         };
         match conn::connect(target, settings.connect_timeout).await {
             Ok(stream) => {
