@@ -57,6 +57,10 @@ pub struct Metrics {
     pub upstream_connects: IntCounterVec,
     /// Active health checks by result.
     pub health_checks: IntCounterVec,
+    /// Passive ejections.
+    pub endpoint_ejections: IntCounterVec,
+    /// Configured queue size per pool.
+    pub pool_queue_size: IntGaugeVec,
     /// Config reloads by result.
     pub config_reloads: IntCounterVec,
     /// Unix time of the last successful (re)load.
@@ -67,6 +71,10 @@ pub struct Metrics {
     pub config_generation: IntGauge,
     /// FPM status page figures, by pool and endpoint.
     pub fpm: FpmMetrics,
+    /// Resolutions of `dns:` endpoints by pool, name and result.
+    pub dns_resolutions: IntCounterVec,
+    /// Addresses currently known for each `dns:` endpoint.
+    pub dns_endpoints: IntGaugeVec,
 }
 
 /// The PHP-FPM status-page gauges.
@@ -87,6 +95,8 @@ pub struct FpmMetrics {
     pub slow_requests: IntGaugeVec,
     /// `accepted conn`.
     pub accepted_connections: IntGaugeVec,
+    /// Whether the last scrape worked (the other figures are stale when 0).
+    pub up: IntGaugeVec,
 }
 
 fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -165,6 +175,12 @@ impl Metrics {
                 "Connections PHP-FPM accepted since it started.",
                 pe,
             ),
+            up: gauge(
+                &r,
+                "fpmgate_fpm_up",
+                "1 if the last PHP-FPM status scrape succeeded, 0 if it failed.",
+                pe,
+            ),
         };
         let config_last_success = Gauge::new(
             "fpmgate_config_last_reload_success_timestamp_seconds",
@@ -194,6 +210,18 @@ impl Metrics {
             &["version"],
         );
         build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        let start_time = Gauge::new(
+            "fpmgate_start_time_seconds",
+            "Unix time the process started.",
+        )
+        .expect("valid gauge");
+        r.register(Box::new(start_time.clone())).expect("unique");
+        start_time.set(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs_f64())
+                .unwrap_or(0.0),
+        );
 
         Metrics {
             http_requests: counter(
@@ -310,11 +338,35 @@ impl Metrics {
                 "Active health checks by result.",
                 &["pool", "endpoint", "result"],
             ),
+            endpoint_ejections: counter(
+                &r,
+                "fpmgate_endpoint_ejections_total",
+                "Passive ejections after consecutive request failures.",
+                pe,
+            ),
+            pool_queue_size: gauge(
+                &r,
+                "fpmgate_pool_queue_size",
+                "The pool's configured queue size.",
+                &["pool"],
+            ),
             config_reloads: counter(
                 &r,
                 "fpmgate_config_reloads_total",
                 "Config reloads by result.",
                 &["result"],
+            ),
+            dns_resolutions: counter(
+                &r,
+                "fpmgate_dns_resolutions_total",
+                "Resolutions of dns: endpoint names by result.",
+                &["pool", "name", "result"],
+            ),
+            dns_endpoints: gauge(
+                &r,
+                "fpmgate_dns_endpoints",
+                "Addresses currently known for a dns: endpoint name.",
+                &["pool", "name"],
             ),
             config_last_success,
             config_last_successful,
@@ -341,6 +393,7 @@ impl Metrics {
             queue_depth: self.pool_queue_depth.with_label_values(&[pool]),
             queue_wait: self.pool_queue_wait.with_label_values(&[pool]),
             retries: self.upstream_retries.with_label_values(&[pool]),
+            queue_size: self.pool_queue_size.with_label_values(&[pool]),
         }
     }
 
@@ -359,6 +412,7 @@ impl Metrics {
                 .with_label_values(&[pool, endpoint, "idle"]),
             reuses: self.upstream_reuses.with_label_values(l),
             connects: self.upstream_connects.with_label_values(l),
+            ejections: self.endpoint_ejections.with_label_values(l),
             header_duration: self.upstream_header_duration.with_label_values(l),
         }
     }
@@ -373,6 +427,12 @@ impl Metrics {
         let _ = self.upstream_reuses.remove_label_values(l);
         let _ = self.upstream_connects.remove_label_values(l);
         let _ = self.upstream_header_duration.remove_label_values(l);
+        let _ = self.endpoint_ejections.remove_label_values(l);
+        for result in ["ok", "fail", "busy"] {
+            let _ = self
+                .health_checks
+                .remove_label_values(&[pool, endpoint, result]);
+        }
         for state in ["active", "idle"] {
             let _ = self
                 .upstream_connections
@@ -388,6 +448,7 @@ impl Metrics {
             &f.max_children_reached,
             &f.slow_requests,
             &f.accepted_connections,
+            &f.up,
         ] {
             let _ = g.remove_label_values(l);
         }
@@ -413,6 +474,8 @@ pub struct PoolMetrics {
     pub queue_wait: Histogram,
     /// `fpmgate_upstream_retries_total`.
     pub retries: IntCounter,
+    /// `fpmgate_pool_queue_size`.
+    pub queue_size: IntGauge,
 }
 
 /// Label-bound handles of one endpoint.
@@ -432,6 +495,8 @@ pub struct EndpointMetrics {
     pub reuses: IntCounter,
     /// `fpmgate_upstream_connects_total`.
     pub connects: IntCounter,
+    /// `fpmgate_endpoint_ejections_total`.
+    pub ejections: IntCounter,
     /// `fpmgate_upstream_header_duration_seconds`.
     pub header_duration: Histogram,
 }

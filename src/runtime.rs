@@ -160,6 +160,7 @@ pub fn build(
                     &metrics.pool_inflight,
                     &metrics.pool_capacity,
                     &metrics.pool_queue_depth,
+                    &metrics.pool_queue_size,
                 ] {
                     let _ = g.remove_label_values(&[pool.name()]);
                 }

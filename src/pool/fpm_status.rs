@@ -96,6 +96,9 @@ pub fn probe_target(addr: &EndpointAddr, addr_port: Option<u16>) -> Target<'_> {
         (EndpointAddr::Tcp(a), Some(port)) => Target::Tcp(std::net::SocketAddr::new(a.ip(), port)),
         (EndpointAddr::Tcp(a), None) => Target::Tcp(*a),
         (EndpointAddr::Unix(p), _) => Target::Unix(p),
+        // Never reached (live endpoints hold resolved addresses); an empty path fails to
+        // connect, which is a failed probe rather than a panic.
+        (EndpointAddr::Dns { .. }, _) => Target::Unix(std::path::Path::new("")),
     }
 }
 
@@ -369,6 +372,7 @@ fn apply_scrape(
             set(&f.max_children_reached, s.max_children_reached);
             set(&f.slow_requests, s.slow_requests);
             set(&f.accepted_connections, s.accepted_conn);
+            f.up.with_label_values(l).set(1);
             ep.set_fpm_snapshot(FpmSnapshot {
                 status: s,
                 at_unix_ms: unix_ms(),
@@ -381,6 +385,11 @@ fn apply_scrape(
             if !e.is_wait() {
                 ep.clear_fpm_hints();
             }
+            metrics
+                .fpm
+                .up
+                .with_label_values(&[pool, ep.label.as_str()])
+                .set(0);
             tracing::debug!(pool, endpoint = %ep.label, "FPM status scrape failed: {e}");
         }
     }

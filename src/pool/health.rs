@@ -294,6 +294,7 @@ impl Pool {
             ep.up.store(false, Ordering::Relaxed);
         }
         ep.sync_up_metric();
+        ep.metrics.ejections.inc();
         tracing::warn!(
             pool = self.name(),
             endpoint = %ep.label,

@@ -128,6 +128,7 @@ fn pool_config_at(
             timeout: Duration::from_secs(1),
         },
         retries: 1,
+        resolve_interval: Duration::from_secs(5),
         retry_after: 1,
         health,
         passive: PassiveConfig {

@@ -63,6 +63,7 @@ impl Pool {
             BalancePolicy::P2c => Balancer::P2c,
             BalancePolicy::HashClientIp | BalancePolicy::HashCookie(_) => Balancer::Hash,
         };
+        metrics.queue_size.set(config.queue.size as i64);
         let pool = Pool {
             config,
             endpoints,
