@@ -17,6 +17,7 @@ pub mod dns;
 pub mod error;
 pub mod fastcgi;
 pub mod listener;
+pub mod listeners;
 pub mod mapping;
 pub mod metrics;
 pub mod pool;

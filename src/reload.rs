@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::app::load_config;
 use crate::config::Config;
+use crate::dns::DnsCache;
 use crate::metrics::Metrics;
 use crate::runtime::{self, Shared};
 use crate::tls::{CertSet, SniResolver};
@@ -108,17 +109,19 @@ pub struct Reloader {
     last_error: Arc<Mutex<Option<String>>>,
     last_hash: Mutex<u64>,
     resolvers: Vec<(SocketAddr, Arc<SniResolver>)>,
+    dns: DnsCache,
 }
 
 impl Reloader {
     /// A reloader for the running runtime; `resolvers` are the TLS listeners' certificate
-    /// resolvers by bind address.
+    /// resolvers by bind address, `dns` the cache of `dns:` endpoint answers.
     pub fn new(
         path: PathBuf,
         shared: Shared,
         metrics: Arc<Metrics>,
         last_error: Arc<Mutex<Option<String>>>,
         resolvers: Vec<(SocketAddr, Arc<SniResolver>)>,
+        dns: DnsCache,
     ) -> Reloader {
         let hash = fingerprint(&path, Some(&shared.load().config)).unwrap_or(0);
         Reloader {
@@ -128,6 +131,7 @@ impl Reloader {
             last_error,
             last_hash: Mutex::new(hash),
             resolvers,
+            dns,
         }
     }
 
@@ -204,9 +208,10 @@ impl Reloader {
                         }
                     }
                 }
-                let generation = old.generation + 1;
-                let new = runtime::build(cfg, Some(&old), &self.metrics, generation);
-                self.shared.store(Arc::new(new));
+                // New `dns:` names are resolved first, so their pools start with endpoints.
+                crate::dns::resolve_missing_blocking(&cfg, &self.metrics, &self.dns);
+                let generation =
+                    runtime::rebuild(&self.shared, cfg, &self.metrics, &mut self.dns.lock());
                 for (resolver, set) in sets {
                     resolver.swap(set);
                 }

@@ -93,7 +93,7 @@ fn duplicate_hosts_across_vhosts() {
 fn bad_endpoint_addresses() {
     let yaml = MINIMAL.replace(
         "      - { addr: 127.0.0.1:9000 }\n",
-        "      - { addr: fpm.internal:9000 }\n      - { addr: 'dns:fpm:9000' }\n      - { addr: 10.0.0.1 }\n      - { addr: 'unix:' }\n      - { addr: 127.0.0.1:0 }\n      - {}\n",
+        "      - { addr: fpm.internal:9000 }\n      - { addr: 'dns:fpm' }\n      - { addr: 10.0.0.1 }\n      - { addr: 'unix:' }\n      - { addr: 127.0.0.1:0 }\n      - {}\n",
     );
     let errs = errors(&yaml);
     assert_eq!(errs.len(), 6, "{}", format_errors(Path::new("t"), &errs));
@@ -116,7 +116,7 @@ fn bad_endpoint_addresses() {
         &yaml,
         "pools.app.endpoints[1].addr",
         "dns:fpm",
-        "not supported yet",
+        "needs a port",
     );
     assert_error(
         &errs,

@@ -8,7 +8,7 @@ use super::process::{self, Guardian};
 use super::{free_port, php_root};
 use std::fmt::Write as _;
 use std::fs;
-use std::net::{SocketAddr, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -53,8 +53,13 @@ pub struct FpmOptions {
     pub workers: usize,
     /// `pm.max_requests`: a worker exits after this many requests; 0 = unlimited.
     pub max_requests: u32,
-    /// Listen on `127.0.0.1:<free port>`.
+    /// Listen on `bind_ip:<port>`.
     pub tcp: bool,
+    /// The TCP listener's IP. Default 127.0.0.1; any of 127.0.0.0/8 works on Linux, so
+    /// several masters can share one port, as the nodes behind a DNS name do.
+    pub bind_ip: IpAddr,
+    /// The TCP port; `None` (default) = a free one.
+    pub port: Option<u16>,
     /// Listen on a unix socket in the temp dir (mode 0666).
     pub unix: bool,
     /// Also `pm.status_listen` on a separate port: ping/status served by a dedicated
@@ -74,6 +79,8 @@ impl Default for FpmOptions {
             workers: 4,
             max_requests: 0,
             tcp: true,
+            bind_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            port: None,
             unix: false,
             status_listen: false,
             pool_name: "www".to_string(),
@@ -140,7 +147,11 @@ impl Fpm {
         };
         let mut last_err = String::new();
         for _ in 0..BIND_ATTEMPTS {
-            fpm.tcp = fpm.opts.tcp.then(|| loopback(free_port()));
+            let (ip, port) = (fpm.opts.bind_ip, fpm.opts.port);
+            fpm.tcp = fpm
+                .opts
+                .tcp
+                .then(|| SocketAddr::new(ip, port.unwrap_or_else(free_port)));
             fpm.status_addr = fpm.opts.status_listen.then(|| loopback(free_port()));
             let text = render_conf(
                 &fpm.opts,

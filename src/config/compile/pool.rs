@@ -183,6 +183,7 @@ fn compile_pool(cx: &mut Ctx, name: &str, spec: PoolSpec) -> PoolConfig {
         timeouts,
         queue,
         retries: spec.retries.map_or(1, |r| r.value),
+        resolve_interval: cx.duration(&spec.resolve_interval, &path("resolve_interval"), 5, true),
         retry_after: spec.retry_after.map_or(1, |r| r.value),
         health,
         passive,
@@ -277,7 +278,8 @@ fn compile_passive(cx: &mut Ctx, pool: &str, health: Option<&HealthSpec>) -> Pas
     }
 }
 
-/// `unix:/path` (relative paths resolved against the config directory) or a TCP address.
+/// `unix:/path` (relative paths resolved against the config directory), `dns:NAME:PORT`
+/// or a TCP address.
 fn parse_endpoint(cx: &Ctx, text: &str) -> Result<EndpointAddr, String> {
     let text = text.trim();
     if let Some(p) = text.strip_prefix("unix:") {
@@ -293,8 +295,8 @@ fn parse_endpoint(cx: &Ctx, text: &str) -> Result<EndpointAddr, String> {
         }
         return Ok(EndpointAddr::Unix(path));
     }
-    if text.starts_with("dns:") {
-        return Err("DNS discovery (`dns:NAME:PORT`) is not supported yet; use an IP address or `unix:/path`".into());
+    if let Some(rest) = text.strip_prefix("dns:") {
+        return super::dns::parse_endpoint(rest);
     }
     let addr = parse_socket_addr(text, true)?;
     if addr.port() == 0 || addr.ip().is_unspecified() {

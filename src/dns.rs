@@ -1,0 +1,689 @@
+//! DNS discovery for `dns:NAME:PORT` endpoints: the resolver (a configured DNS server over
+//! UDP, or the system's), the cache of the last good answer per name, the expansion of a
+//! pool's `dns:` entries into one endpoint per address, and the task that re-resolves each
+//! name on its pool's `resolve_interval` and rebuilds the runtime when an answer changes.
+//!
+//! A failed or empty resolution never shrinks a pool: the last known set keeps serving,
+//! and the failure is logged and counted. Stale addresses of nodes that really left are
+//! handled by connect failures, retries and passive ejection; an emptied pool could only
+//! answer 503.
+
+mod wire;
+
+use std::collections::{HashMap, HashSet};
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::net::UdpSocket;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, DnsConfig, EndpointAddr, EndpointConfig, PoolConfig};
+use crate::metrics::Metrics;
+use crate::runtime::{self, Shared};
+
+/// A name as configured: lowercased host (no trailing dot) and port.
+pub type DnsKey = (String, u16);
+
+/// The last good answer per name: sorted, deduplicated, never empty.
+pub type DnsMap = HashMap<DnsKey, Vec<SocketAddr>>;
+
+/// Longest the discovery task sleeps between looks at the running config, so names added
+/// by a reload are picked up and names removed stop being resolved within this time.
+const MAX_SLEEP: Duration = Duration::from_secs(1);
+
+/// Receive buffer: answers without EDNS fit in 512 bytes, some servers send more.
+const RECV_BUF: usize = 4096;
+
+/// The shared [`DnsMap`].
+///
+/// Its lock also serialises runtime rebuilds (see [`runtime::rebuild`]): a config reload
+/// and a DNS change each build from the running runtime, and without it the second store
+/// would silently undo the first.
+#[derive(Clone, Default)]
+pub struct DnsCache(Arc<Mutex<DnsMap>>);
+
+impl DnsCache {
+    /// Locks the cache. Hold it only for synchronous work, never across an `.await`.
+    pub fn lock(&self) -> MutexGuard<'_, DnsMap> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Why a name could not be resolved.
+#[derive(Debug, thiserror::Error)]
+pub enum DnsError {
+    /// No complete answer within `dns.timeout`.
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    /// The name does not exist.
+    #[error("name does not exist (NXDOMAIN)")]
+    NotFound,
+    /// The name exists but has no A or AAAA records.
+    #[error("no A or AAAA records")]
+    NoAddresses,
+    /// The DNS server's answer was an error or unusable.
+    #[error("{0}")]
+    Wire(#[from] wire::WireError),
+    /// A socket error (e.g. the server's port is closed) or a system resolver failure.
+    #[error("{0}")]
+    Io(#[from] io::Error),
+}
+
+/// Resolves names to addresses, through `dns.resolver` when set, else the system.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resolver {
+    server: Option<SocketAddr>,
+    timeout: Duration,
+}
+
+impl Resolver {
+    /// A resolver for the `dns:` settings.
+    pub fn new(cfg: &DnsConfig) -> Resolver {
+        Resolver {
+            server: cfg.resolver,
+            timeout: cfg.timeout,
+        }
+    }
+
+    /// The addresses of `host` (A and AAAA) with `port`, sorted and deduplicated; an empty
+    /// answer is an error. Bounded by the configured timeout.
+    pub async fn resolve(&self, host: &str, port: u16) -> Result<Vec<SocketAddr>, DnsError> {
+        let mut addrs: Vec<SocketAddr> = match self.server {
+            Some(server) => {
+                let ips = tokio::time::timeout(self.timeout, query(server, host, self.timeout))
+                    .await
+                    .map_err(|_| DnsError::Timeout(self.timeout))??;
+                ips.into_iter()
+                    .map(|ip| SocketAddr::new(ip, port))
+                    .collect()
+            }
+            None => {
+                // getaddrinfo runs on a blocking thread; the timeout bounds our wait, not
+                // that thread, which ends on its own (resolv.conf has its own timeouts).
+                let found =
+                    tokio::time::timeout(self.timeout, tokio::net::lookup_host((host, port)))
+                        .await
+                        .map_err(|_| DnsError::Timeout(self.timeout))??;
+                found.collect()
+            }
+        };
+        addrs.sort();
+        addrs.dedup();
+        if addrs.is_empty() {
+            return Err(DnsError::NoAddresses);
+        }
+        Ok(addrs)
+    }
+}
+
+/// A random query id: with the source port, what stops off-path answer spoofing.
+fn random_id() -> u16 {
+    use std::hash::{BuildHasher as _, Hasher as _};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    // RandomState is keyed from the OS's randomness; hashing a counter with it gives
+    // unpredictable values without another dependency.
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+    h.finish() as u16
+}
+
+/// One outstanding question.
+struct Question {
+    qtype: u16,
+    id: u16,
+    packet: Vec<u8>,
+    answer: Option<wire::Answer>,
+}
+
+/// Asks `server` for the A and AAAA records of `host` over UDP; the caller bounds the time.
+/// Unanswered questions are sent again once, half-way through `timeout` (UDP may drop
+/// them). Datagrams that are not the answer to an outstanding question are ignored.
+async fn query(server: SocketAddr, host: &str, timeout: Duration) -> Result<Vec<IpAddr>, DnsError> {
+    let local: SocketAddr = match server {
+        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+        SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    let sock = UdpSocket::bind(local).await?;
+    // Connected: the kernel drops datagrams from any other source, and a closed port on
+    // the server comes back as an error instead of a silent timeout.
+    sock.connect(server).await?;
+    let a_id = random_id();
+    let mut aaaa_id = random_id();
+    if aaaa_id == a_id {
+        aaaa_id = a_id.wrapping_add(1);
+    }
+    let mut questions = Vec::with_capacity(2);
+    for (qtype, id) in [(wire::TYPE_A, a_id), (wire::TYPE_AAAA, aaaa_id)] {
+        let packet = wire::build_query(id, host, qtype)?;
+        questions.push(Question {
+            qtype,
+            id,
+            packet,
+            answer: None,
+        });
+    }
+    for q in &questions {
+        sock.send(&q.packet).await?;
+    }
+    let mut resend_at = Some(Instant::now() + timeout / 2);
+    let mut buf = vec![0u8; RECV_BUF];
+    while questions.iter().any(|q| q.answer.is_none()) {
+        let received = match resend_at {
+            Some(at) => match tokio::time::timeout_at(at, sock.recv(&mut buf)).await {
+                Ok(r) => r,
+                Err(_) => {
+                    resend_at = None;
+                    for q in questions.iter().filter(|q| q.answer.is_none()) {
+                        sock.send(&q.packet).await?;
+                    }
+                    continue;
+                }
+            },
+            None => sock.recv(&mut buf).await,
+        };
+        let msg = buf.get(..received?).unwrap_or_default();
+        let Some(q) = wire::response_id(msg).and_then(|id| {
+            questions
+                .iter_mut()
+                .find(|q| q.id == id && q.answer.is_none())
+        }) else {
+            continue;
+        };
+        match wire::parse_response(msg, q.id, host, q.qtype) {
+            Ok(answer) => q.answer = Some(answer),
+            // Right id, wrong question: not our answer (a late reply to an earlier query
+            // that reused the id, or a spoof); keep waiting for the real one.
+            Err(wire::WireError::QuestionMismatch | wire::WireError::NotResponse) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let answers: Vec<wire::Answer> = questions.into_iter().filter_map(|q| q.answer).collect();
+    let ips: Vec<IpAddr> = answers
+        .iter()
+        .flat_map(|a| a.addrs.iter().copied())
+        .collect();
+    if ips.is_empty() && answers.iter().all(|a| a.nxdomain) {
+        return Err(DnsError::NotFound);
+    }
+    if answers.iter().any(|a| a.truncated) {
+        tracing::debug!(host, "truncated DNS answer; using the addresses it holds");
+    }
+    Ok(ips)
+}
+
+/// One `dns:` entry of one pool: what is resolved, scheduled and labelled in metrics.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct DnsTarget {
+    /// The pool's name.
+    pub pool: String,
+    /// Lowercased host name.
+    pub host: String,
+    /// Port of every endpoint made from the answer.
+    pub port: u16,
+}
+
+impl DnsTarget {
+    /// The cache key.
+    pub fn key(&self) -> DnsKey {
+        (self.host.clone(), self.port)
+    }
+
+    /// The `name` metric label: `host:port`, the entry as written after `dns:`.
+    pub fn name(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
+}
+
+/// Every `dns:` entry of `config`, with its pool's resolve interval.
+pub fn targets(config: &Config) -> Vec<(DnsTarget, Duration)> {
+    let mut out = Vec::new();
+    for pool in &config.pools {
+        for ep in &pool.endpoints {
+            if let EndpointAddr::Dns { host, port } = &ep.addr {
+                let target = DnsTarget {
+                    pool: pool.name.clone(),
+                    host: host.clone(),
+                    port: *port,
+                };
+                out.push((target, pool.resolve_interval));
+            }
+        }
+    }
+    out
+}
+
+/// The pool's endpoints as they run: each `dns:` entry replaced by one TCP endpoint per
+/// cached address (with the entry's weight and max_conns), in config order. A name not
+/// resolved yet contributes nothing. An address listed twice (a name resolving to a node
+/// also listed by IP) is kept once, as first listed: endpoints are keyed by address.
+pub fn expand_endpoints(pc: &PoolConfig, map: &DnsMap) -> Vec<EndpointConfig> {
+    let mut out: Vec<EndpointConfig> = Vec::with_capacity(pc.endpoints.len());
+    let mut push = |ec: EndpointConfig| {
+        if out.iter().any(|e| e.addr == ec.addr) {
+            tracing::debug!(
+                pool = %pc.name,
+                endpoint = %ec.addr,
+                "address listed twice; keeping the first"
+            );
+        } else {
+            out.push(ec);
+        }
+    };
+    for ec in &pc.endpoints {
+        let EndpointAddr::Dns { host, port } = &ec.addr else {
+            push(ec.clone());
+            continue;
+        };
+        match map.get(&(host.clone(), *port)) {
+            Some(addrs) => {
+                for addr in addrs {
+                    push(EndpointConfig {
+                        addr: EndpointAddr::Tcp(*addr),
+                        weight: ec.weight,
+                        max_conns: ec.max_conns,
+                    });
+                }
+            }
+            None => tracing::warn!(
+                pool = %pc.name,
+                name = %ec.addr,
+                "not resolved yet: no endpoints from this name until it resolves"
+            ),
+        }
+    }
+    out
+}
+
+/// Counts one resolution and sets the known-addresses gauge.
+fn record(metrics: &Metrics, t: &DnsTarget, ok: bool, known: usize) {
+    let name = t.name();
+    let result = if ok { "success" } else { "failure" };
+    metrics
+        .dns_resolutions
+        .with_label_values(&[t.pool.as_str(), name.as_str(), result])
+        .inc();
+    metrics
+        .dns_endpoints
+        .with_label_values(&[t.pool.as_str(), name.as_str()])
+        .set(known as i64);
+}
+
+/// Drops the series of a `dns:` entry that left the config.
+fn forget(metrics: &Metrics, t: &DnsTarget) {
+    let name = t.name();
+    let l = [t.pool.as_str(), name.as_str()];
+    for result in ["success", "failure"] {
+        let _ = metrics
+            .dns_resolutions
+            .remove_label_values(&[l[0], l[1], result]);
+    }
+    let _ = metrics.dns_endpoints.remove_label_values(&l);
+}
+
+/// Resolves, at once and concurrently, every `dns:` entry of `config` whose name has no
+/// cached answer, and caches what resolves. Used before the first runtime is built and
+/// before a reload applies a config with new names, so those pools start with endpoints.
+/// Takes at most about `dns.timeout`; failures are logged and counted.
+pub async fn resolve_missing(config: &Config, metrics: &Metrics, cache: &DnsCache) {
+    let resolver = Resolver::new(&config.dns);
+    let mut jobs = JoinSet::new();
+    for (t, _) in targets(config) {
+        if cache.lock().contains_key(&t.key()) {
+            continue;
+        }
+        let r = resolver.clone();
+        jobs.spawn(async move {
+            let res = r.resolve(&t.host, t.port).await;
+            (t, res)
+        });
+    }
+    while let Some(joined) = jobs.join_next().await {
+        let Ok((t, res)) = joined else { continue };
+        match res {
+            Ok(addrs) => {
+                tracing::info!(
+                    pool = %t.pool,
+                    name = %t.name(),
+                    addrs = ?addrs,
+                    "DNS name resolved"
+                );
+                record(metrics, &t, true, addrs.len());
+                cache.lock().insert(t.key(), addrs);
+            }
+            Err(e) => {
+                tracing::warn!(
+                    pool = %t.pool,
+                    name = %t.name(),
+                    "DNS resolution failed ({e}); no endpoints from this name until it resolves"
+                );
+                let known = cache.lock().get(&t.key()).map_or(0, Vec::len);
+                record(metrics, &t, false, known);
+            }
+        }
+    }
+}
+
+/// [`resolve_missing`] for synchronous callers (the reloader, on a blocking thread):
+/// runs it on the current tokio runtime and waits at most a little over `dns.timeout`.
+/// Does nothing outside a runtime or when no name is missing.
+pub fn resolve_missing_blocking(config: &Config, metrics: &Arc<Metrics>, cache: &DnsCache) {
+    let missing = {
+        let map = cache.lock();
+        targets(config)
+            .iter()
+            .any(|(t, _)| !map.contains_key(&t.key()))
+    };
+    let Ok(handle) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    if !missing {
+        return;
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (config2, metrics2, cache2) = (config.clone(), Arc::clone(metrics), cache.clone());
+    handle.spawn(async move {
+        resolve_missing(&config2, &metrics2, &cache2).await;
+        let _ = tx.send(());
+    });
+    let _ = rx.recv_timeout(config.dns.timeout + Duration::from_millis(500));
+}
+
+/// Schedule of one `dns:` entry in [`discover`].
+struct Schedule {
+    next: Instant,
+    running: bool,
+    failing: bool,
+}
+
+/// Re-resolves every `dns:` entry of the running config on its pool's `resolve_interval`
+/// until `token` is cancelled. When an answer differs from the cached one, the cache is
+/// updated and the runtime rebuilt from the running config: new addresses become
+/// endpoints, vanished ones drain. A failed resolution keeps the cached answer.
+pub async fn discover(
+    shared: Shared,
+    metrics: Arc<Metrics>,
+    cache: DnsCache,
+    token: CancellationToken,
+) {
+    let mut schedule: HashMap<DnsTarget, Schedule> = HashMap::new();
+    let mut running: HashMap<tokio::task::Id, DnsTarget> = HashMap::new();
+    let mut jobs: JoinSet<Result<Vec<SocketAddr>, DnsError>> = JoinSet::new();
+    loop {
+        let config = Arc::clone(&shared.load().config);
+        let current = targets(&config);
+        let resolver = Resolver::new(&config.dns);
+        let live: HashSet<&DnsTarget> = current.iter().map(|(t, _)| t).collect();
+        schedule.retain(|t, _| {
+            let keep = live.contains(t);
+            if !keep {
+                forget(&metrics, t);
+            }
+            keep
+        });
+        let now = Instant::now();
+        for (t, interval) in &current {
+            let s = schedule.entry(t.clone()).or_insert_with(|| {
+                // Resolved already (at start, or by the reload that added it): the next
+                // look is one interval away. Not resolved: that attempt failed and was
+                // logged, so the next failure is not news but a success is.
+                let known = cache.lock().contains_key(&t.key());
+                Schedule {
+                    next: if known { now + *interval } else { now },
+                    running: false,
+                    failing: !known,
+                }
+            });
+            if !s.running && s.next <= now {
+                s.running = true;
+                let (r, job) = (resolver.clone(), t.clone());
+                let handle = jobs.spawn(async move { r.resolve(&job.host, job.port).await });
+                running.insert(handle.id(), t.clone());
+            }
+        }
+        let wake = schedule
+            .values()
+            .filter(|s| !s.running)
+            .map(|s| s.next)
+            .fold(now + MAX_SLEEP, Instant::min);
+        tokio::select! {
+            _ = token.cancelled() => return,
+            Some(joined) = jobs.join_next_with_id(), if !jobs.is_empty() => {
+                let (id, res) = match joined {
+                    Ok((id, res)) => (id, res),
+                    Err(e) => {
+                        let failed = io::Error::other("resolution task failed");
+                        (e.id(), Err(DnsError::Io(failed)))
+                    }
+                };
+                let Some(t) = running.remove(&id) else { continue };
+                let interval = current
+                    .iter()
+                    .find(|(x, _)| *x == t)
+                    .map_or(MAX_SLEEP, |(_, i)| *i);
+                let Some(s) = schedule.get_mut(&t) else { continue };
+                s.running = false;
+                s.next = Instant::now() + interval;
+                apply(&shared, &metrics, &cache, &t, s, res);
+            }
+            _ = tokio::time::sleep_until(wake) => {}
+        }
+    }
+}
+
+/// Records one resolution of `t` and, when its answer changed, updates the cache and
+/// rebuilds the runtime.
+fn apply(
+    shared: &Shared,
+    metrics: &Arc<Metrics>,
+    cache: &DnsCache,
+    t: &DnsTarget,
+    s: &mut Schedule,
+    res: Result<Vec<SocketAddr>, DnsError>,
+) {
+    let addrs = match res {
+        Ok(addrs) => addrs,
+        Err(e) => {
+            let known = cache.lock().get(&t.key()).map_or(0, Vec::len);
+            record(metrics, t, false, known);
+            // Once per outage at warn: a resolver down for an hour should not write a
+            // line every interval for every name.
+            if !s.failing {
+                tracing::warn!(
+                    pool = %t.pool,
+                    name = %t.name(),
+                    known,
+                    "DNS resolution failed ({e}); keeping the last known addresses"
+                );
+            } else {
+                tracing::debug!(
+                    pool = %t.pool,
+                    name = %t.name(),
+                    "DNS resolution failed again ({e})"
+                );
+            }
+            s.failing = true;
+            return;
+        }
+    };
+    if s.failing {
+        tracing::info!(pool = %t.pool, name = %t.name(), "DNS resolution works again");
+        s.failing = false;
+    }
+    record(metrics, t, true, addrs.len());
+    let mut map = cache.lock();
+    let key = t.key();
+    if map.get(&key) == Some(&addrs) {
+        return;
+    }
+    // Checked under the lock, which reloads also hold: a name a reload just removed must
+    // not come back into the cache.
+    let config = Arc::clone(&shared.load().config);
+    if !targets(&config).iter().any(|(x, _)| x.key() == key) {
+        return;
+    }
+    let before = map.insert(key, addrs.clone()).unwrap_or_default();
+    let added: Vec<&SocketAddr> = addrs.iter().filter(|a| !before.contains(a)).collect();
+    let removed: Vec<&SocketAddr> = before.iter().filter(|a| !addrs.contains(a)).collect();
+    let generation = runtime::rebuild(shared, (*config).clone(), metrics, &mut map);
+    tracing::info!(
+        pool = %t.pool,
+        name = %t.name(),
+        added = ?added,
+        removed = ?removed,
+        generation,
+        "DNS answer changed; endpoints updated"
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{parse_str, DnsConfig};
+    use std::path::Path;
+
+    /// A UDP DNS server sending the datagrams `answer(query, qtype)` returns for each
+    /// query; returns its address.
+    async fn server<F>(answer: F) -> SocketAddr
+    where
+        F: Fn(&[u8], u16) -> Vec<Vec<u8>> + Send + 'static,
+    {
+        let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = sock.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 512];
+            while let Ok((n, peer)) = sock.recv_from(&mut buf).await {
+                let q = &buf[..n];
+                let qtype = u16::from_be_bytes([q[n - 4], q[n - 3]]);
+                for r in answer(q, qtype) {
+                    let _ = sock.send_to(&r, peer).await;
+                }
+            }
+        });
+        addr
+    }
+
+    /// The response to query `q`: flags, then A records (pointer to the question name).
+    fn reply(q: &[u8], rcode: u16, ips: &[[u8; 4]]) -> Vec<u8> {
+        let mut r = q.to_vec();
+        r[2..4].copy_from_slice(&(0x8180u16 | rcode).to_be_bytes());
+        r[6..8].copy_from_slice(&(ips.len() as u16).to_be_bytes());
+        for ip in ips {
+            r.extend_from_slice(&[0xC0, 12, 0, 1, 0, 1, 0, 0, 0, 30, 0, 4]);
+            r.extend_from_slice(ip);
+        }
+        r
+    }
+
+    fn resolver(server: SocketAddr, ms: u64) -> Resolver {
+        Resolver::new(&DnsConfig {
+            resolver: Some(server),
+            timeout: Duration::from_millis(ms),
+        })
+    }
+
+    #[tokio::test]
+    async fn server_answers_are_sorted_and_deduplicated() {
+        let s = server(|q, qtype| {
+            vec![match qtype {
+                wire::TYPE_A => reply(q, 0, &[[10, 0, 0, 2], [10, 0, 0, 1], [10, 0, 0, 2]]),
+                _ => reply(q, 0, &[]),
+            }]
+        })
+        .await;
+        let got = resolver(s, 1000).resolve("php.test", 9000).await.unwrap();
+        let want: Vec<SocketAddr> = vec![
+            "10.0.0.1:9000".parse().unwrap(),
+            "10.0.0.2:9000".parse().unwrap(),
+        ];
+        assert_eq!(got, want);
+    }
+
+    #[tokio::test]
+    async fn failures_are_errors() {
+        let nx = server(|q, _| vec![reply(q, 3, &[])]).await;
+        assert!(matches!(
+            resolver(nx, 1000).resolve("gone.test", 1).await,
+            Err(DnsError::NotFound)
+        ));
+        let empty = server(|q, _| vec![reply(q, 0, &[])]).await;
+        assert!(matches!(
+            resolver(empty, 1000).resolve("php.test", 1).await,
+            Err(DnsError::NoAddresses)
+        ));
+        let servfail = server(|q, _| vec![reply(q, 2, &[])]).await;
+        assert!(matches!(
+            resolver(servfail, 1000).resolve("php.test", 1).await,
+            Err(DnsError::Wire(_))
+        ));
+        let silent = server(|_, _| Vec::new()).await;
+        let started = std::time::Instant::now();
+        assert!(matches!(
+            resolver(silent, 300).resolve("php.test", 1).await,
+            Err(DnsError::Timeout(_))
+        ));
+        assert!(started.elapsed() < Duration::from_secs(2));
+    }
+
+    #[tokio::test]
+    async fn stray_and_spoofed_datagrams_are_ignored() {
+        // First a reply with a wrong id, then one for another name with the right id,
+        // then the real answer: only the last counts.
+        let s = server(|q, qtype| {
+            let mut wrong_id = reply(q, 0, &[[6, 6, 6, 6]]);
+            wrong_id[0] ^= 0xFF;
+            // `php` → `qhp` in the echoed question.
+            let mut wrong_name = reply(q, 0, &[[6, 6, 6, 7]]);
+            wrong_name[13] ^= 0x01;
+            let real = match qtype {
+                wire::TYPE_A => reply(q, 0, &[[10, 9, 9, 9]]),
+                _ => reply(q, 0, &[]),
+            };
+            vec![wrong_id, vec![1, 2, 3], wrong_name, real]
+        })
+        .await;
+        let got = resolver(s, 1000).resolve("php.test", 80).await.unwrap();
+        assert_eq!(got, vec!["10.9.9.9:80".parse::<SocketAddr>().unwrap()]);
+    }
+
+    #[tokio::test]
+    async fn system_resolver_reads_hosts() {
+        let r = Resolver::new(&DnsConfig {
+            resolver: None,
+            timeout: Duration::from_secs(2),
+        });
+        let got = r.resolve("localhost", 9000).await.unwrap();
+        assert!(
+            got.iter().all(|a| a.ip().is_loopback() && a.port() == 9000),
+            "{got:?}"
+        );
+    }
+
+    #[test]
+    fn expansion_keeps_order_weights_and_skips_unresolved() {
+        let yaml = "listen: [{ bind: 127.0.0.1:8080 }]\npools:\n  app:\n    endpoints:\n      - { addr: 10.0.0.1:9000 }\n      - { addr: 'dns:a.test:9000', weight: 3, max_conns: 5 }\n      - { addr: 'dns:b.test:9000' }\nvhosts:\n  - { hosts: ['*'], root: /srv, pool: app }\n";
+        let config = parse_str(yaml, Path::new("/tmp/f.yaml")).unwrap();
+        let mut map = DnsMap::new();
+        map.insert(
+            ("a.test".into(), 9000),
+            vec![
+                "10.0.0.1:9000".parse().unwrap(),
+                "10.0.0.7:9000".parse().unwrap(),
+            ],
+        );
+        let eps = expand_endpoints(&config.pools[0], &map);
+        let labels: Vec<String> = eps.iter().map(|e| e.addr.to_string()).collect();
+        assert_eq!(labels, ["10.0.0.1:9000", "10.0.0.7:9000"]);
+        assert_eq!((eps[1].weight, eps[1].max_conns), (3, 5));
+        assert_eq!(
+            eps[0].weight, 1,
+            "the address listed by IP first keeps its own entry"
+        );
+        let names: Vec<String> = targets(&config).iter().map(|(t, _)| t.name()).collect();
+        assert_eq!(names, ["a.test:9000", "b.test:9000"]);
+    }
+}

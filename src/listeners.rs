@@ -1,0 +1,207 @@
+//! The set of client listeners, kept in step with the config: a reload binds new addresses,
+//! stops removed ones (their open connections drain gracefully) and swaps the certificates
+//! of TLS listeners that stay — without touching the sockets that did not change.
+//!
+//! Applying is two-phase so a reload is all or nothing: [`ListenerSet::prepare`] binds every
+//! new socket and loads every certificate first; only if all of that worked does
+//! [`ListenerSet::commit`] start, stop and swap anything.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::ListenerConfig;
+use crate::listener::{self, Serve};
+use crate::tls::{self, CertSet, SniResolver};
+
+/// What makes two listener entries the same socket: changing any of these rebinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Shape {
+    tls: bool,
+    proxy_protocol: bool,
+}
+
+struct Running {
+    shape: Shape,
+    resolver: Option<Arc<SniResolver>>,
+    stop: CancellationToken,
+    _task: JoinHandle<()>,
+}
+
+/// A bound-but-not-started listener, or new certificates for a running one.
+enum Step {
+    /// `sock` is None when the address is ours already (its shape changed): it is bound in
+    /// commit, right after the old listener stops.
+    Start {
+        cfg: ListenerConfig,
+        sock: Option<TcpListener>,
+        set: Option<CertSet>,
+    },
+    Swap {
+        bind: SocketAddr,
+        set: CertSet,
+    },
+    Stop {
+        bind: SocketAddr,
+    },
+}
+
+/// Work prepared by [`ListenerSet::prepare`].
+pub struct Prepared(Vec<Step>);
+
+/// The running client listeners, by configured bind address.
+pub struct ListenerSet {
+    serve: Serve,
+    running: Mutex<HashMap<SocketAddr, Running>>,
+}
+
+fn shape(l: &ListenerConfig) -> Shape {
+    Shape {
+        tls: !l.tls.is_empty(),
+        proxy_protocol: l.proxy_protocol,
+    }
+}
+
+fn load_certs(l: &ListenerConfig) -> Result<Option<CertSet>, String> {
+    if l.tls.is_empty() {
+        return Ok(None);
+    }
+    CertSet::load(&l.tls).map(Some).map_err(|errs| {
+        let msgs: Vec<String> = errs.into_iter().map(|e| e.message).collect();
+        format!("listener {}: {}", l.bind, msgs.join("; "))
+    })
+}
+
+impl ListenerSet {
+    /// An empty set serving through `serve`.
+    pub fn new(serve: Serve) -> ListenerSet {
+        ListenerSet {
+            serve,
+            running: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Binds what is new and loads every certificate; changes nothing that runs.
+    pub fn prepare(&self, wanted: &[ListenerConfig]) -> Result<Prepared, String> {
+        let running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        let mut steps = Vec::new();
+        for l in wanted {
+            let set = load_certs(l)?;
+            match running.get(&l.bind) {
+                Some(r) if r.shape == shape(l) => {
+                    if let Some(set) = set {
+                        steps.push(Step::Swap { bind: l.bind, set });
+                    }
+                }
+                other => {
+                    if other.is_some() {
+                        // Same address, new shape: stop the old one first, then bind again.
+                        steps.push(Step::Stop { bind: l.bind });
+                    }
+                    let sock = match other {
+                        Some(_) => None,
+                        None => Some(
+                            listener::bind(l.bind)
+                                .map_err(|e| format!("binding {}: {e}", l.bind))?,
+                        ),
+                    };
+                    steps.push(Step::Start {
+                        cfg: l.clone(),
+                        sock,
+                        set,
+                    });
+                }
+            }
+        }
+        for bind in running.keys() {
+            if !wanted.iter().any(|l| l.bind == *bind) {
+                steps.push(Step::Stop { bind: *bind });
+            }
+        }
+        Ok(Prepared(steps))
+    }
+
+    /// Applies prepared work.
+    pub fn commit(&self, prepared: Prepared) {
+        let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        for step in prepared.0 {
+            match step {
+                Step::Stop { bind } => {
+                    if let Some(r) = running.remove(&bind) {
+                        r.stop.cancel();
+                        tracing::info!(%bind, "listener stopped");
+                    }
+                }
+                Step::Swap { bind, set } => {
+                    if let Some(r) = running.get(&bind) {
+                        if let Some(res) = &r.resolver {
+                            res.swap(set);
+                        }
+                    }
+                }
+                Step::Start { cfg, sock, set } => {
+                    let sock = match sock.map_or_else(|| rebind(cfg.bind), Ok) {
+                        Ok(s) => s,
+                        Err(e) => {
+                            tracing::error!(bind = %cfg.bind, "cannot rebind listener: {e}");
+                            continue;
+                        }
+                    };
+                    let entry = self.start(&cfg, sock, set);
+                    running.insert(cfg.bind, entry);
+                }
+            }
+        }
+    }
+
+    fn start(&self, cfg: &ListenerConfig, sock: TcpListener, set: Option<CertSet>) -> Running {
+        let addr = sock.local_addr().unwrap_or(cfg.bind);
+        let resolver = set.map(|set| {
+            for line in &set.summary {
+                tracing::info!(listener = %addr, "certificate {line}");
+            }
+            Arc::new(SniResolver::new(set))
+        });
+        let tls_cfg = resolver.as_ref().map(|r| tls::server_config(r.clone()));
+        let kind = if tls_cfg.is_some() { "https" } else { "http" };
+        tracing::info!("listening addr={addr} kind={kind}");
+        let stop = self.serve.shutdown.child_token();
+        let mut serve = self.serve.clone();
+        serve.shutdown = stop.clone();
+        let task = tokio::spawn(listener::accept_loop(
+            sock,
+            kind,
+            tls_cfg,
+            cfg.proxy_protocol,
+            serve,
+        ));
+        Running {
+            shape: shape(cfg),
+            resolver,
+            stop,
+            _task: task,
+        }
+    }
+}
+
+/// Binds an address whose previous listener was just told to stop: its accept loop drops
+/// the socket within moments, so retry briefly. Only reloads get here, on a blocking
+/// thread, so the short sleeps stall nothing.
+fn rebind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let mut last = None;
+    for _ in 0..40 {
+        match listener::bind(addr) {
+            Ok(s) => return Ok(s),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                last = Some(e);
+                std::thread::sleep(std::time::Duration::from_millis(25));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::from(std::io::ErrorKind::AddrInUse)))
+}
