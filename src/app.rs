@@ -16,6 +16,7 @@ use crate::admin::{self, Admin};
 use crate::config::{self, Config};
 use crate::dns::DnsCache;
 use crate::listener::{self, Serve};
+use crate::listeners::ListenerSet;
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::reload::{unix_now, Reloader};
@@ -68,6 +69,10 @@ pub fn run(path: PathBuf) -> anyhow::Result<()> {
 }
 
 async fn serve(path: PathBuf, config: Config) -> anyhow::Result<()> {
+    // Handlers first: once a listener is announced, a SIGHUP must reload, not kill.
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
     let metrics = Arc::new(Metrics::new());
     let grace = config.shutdown_grace;
     let max_conns = config.limits.max_connections;
@@ -98,34 +103,11 @@ async fn serve(path: PathBuf, config: Config) -> anyhow::Result<()> {
         tracker: tracker.clone(),
     };
 
-    let mut accept_tasks = Vec::new();
-    let mut resolvers = Vec::new();
-    for l in &listeners {
-        let sock = listener::bind(l.bind).with_context(|| format!("binding {}", l.bind))?;
-        let addr = sock.local_addr()?;
-        let (kind, tls) = if l.tls.is_empty() {
-            ("http", None)
-        } else {
-            let set = tls::CertSet::load(&l.tls).map_err(|errs| {
-                let msgs: Vec<String> = errs.into_iter().map(|e| e.message).collect();
-                anyhow::anyhow!("listener {}: {}", l.bind, msgs.join("; "))
-            })?;
-            for line in &set.summary {
-                tracing::info!(listener = %addr, "certificate {line}");
-            }
-            let resolver = Arc::new(tls::SniResolver::new(set));
-            resolvers.push((l.bind, resolver.clone()));
-            ("https", Some(tls::server_config(resolver)))
-        };
-        tracing::info!("listening addr={addr} kind={kind}");
-        accept_tasks.push(tokio::spawn(listener::accept_loop(
-            sock,
-            kind,
-            tls,
-            l.proxy_protocol,
-            serve.clone(),
-        )));
-    }
+    let listener_set = Arc::new(ListenerSet::new(serve.clone()));
+    let prepared = listener_set
+        .prepare(&listeners)
+        .map_err(|e| anyhow::anyhow!(e))?;
+    listener_set.commit(prepared);
 
     let last_error = Arc::new(std::sync::Mutex::new(None));
     if let Some(a) = &admin_cfg {
@@ -160,7 +142,7 @@ async fn serve(path: PathBuf, config: Config) -> anyhow::Result<()> {
         shared.clone(),
         metrics.clone(),
         last_error,
-        resolvers,
+        listener_set.clone(),
         dns_cache.clone(),
     ));
     tokio::spawn(crate::reload::watch(reloader.clone(), shutdown.clone()));
@@ -171,9 +153,6 @@ async fn serve(path: PathBuf, config: Config) -> anyhow::Result<()> {
         shutdown.clone(),
     ));
 
-    let mut hup = signal(SignalKind::hangup())?;
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
     tracing::info!(config = %path.display(), version = env!("CARGO_PKG_VERSION"), "fpmgate started");
     loop {
         tokio::select! {
@@ -191,9 +170,6 @@ async fn serve(path: PathBuf, config: Config) -> anyhow::Result<()> {
         "shutting down: draining in-flight requests"
     );
     shutdown.cancel();
-    for t in accept_tasks {
-        let _ = t.await;
-    }
     tracker.close();
     if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
         tracing::warn!("shutdown grace elapsed with requests still in flight; closing them");

@@ -37,26 +37,45 @@ enum Step {
     /// `sock` is None when the address is ours already (its shape changed): it is bound in
     /// commit, right after the old listener stops.
     Start {
+        key: Key,
         cfg: ListenerConfig,
         sock: Option<TcpListener>,
         set: Option<CertSet>,
     },
     Swap {
-        bind: SocketAddr,
+        key: Key,
         set: CertSet,
     },
     Stop {
-        bind: SocketAddr,
+        key: Key,
     },
 }
 
 /// Work prepared by [`ListenerSet::prepare`].
 pub struct Prepared(Vec<Step>);
 
-/// The running client listeners, by configured bind address.
+/// A listener's identity across reloads: its configured bind address, and which occurrence
+/// of it (several `127.0.0.1:0` entries are distinct listeners; other duplicates are
+/// config errors).
+type Key = (SocketAddr, usize);
+
+fn keys(wanted: &[ListenerConfig]) -> Vec<Key> {
+    wanted
+        .iter()
+        .enumerate()
+        .map(|(i, l)| {
+            (
+                l.bind,
+                wanted[..i].iter().filter(|o| o.bind == l.bind).count(),
+            )
+        })
+        .collect()
+}
+
+/// The running client listeners.
 pub struct ListenerSet {
     serve: Serve,
-    running: Mutex<HashMap<SocketAddr, Running>>,
+    running: Mutex<HashMap<Key, Running>>,
 }
 
 fn shape(l: &ListenerConfig) -> Shape {
@@ -89,18 +108,19 @@ impl ListenerSet {
     pub fn prepare(&self, wanted: &[ListenerConfig]) -> Result<Prepared, String> {
         let running = self.running.lock().unwrap_or_else(|e| e.into_inner());
         let mut steps = Vec::new();
-        for l in wanted {
+        let wanted_keys = keys(wanted);
+        for (l, key) in wanted.iter().zip(&wanted_keys) {
             let set = load_certs(l)?;
-            match running.get(&l.bind) {
+            match running.get(key) {
                 Some(r) if r.shape == shape(l) => {
                     if let Some(set) = set {
-                        steps.push(Step::Swap { bind: l.bind, set });
+                        steps.push(Step::Swap { key: *key, set });
                     }
                 }
                 other => {
                     if other.is_some() {
                         // Same address, new shape: stop the old one first, then bind again.
-                        steps.push(Step::Stop { bind: l.bind });
+                        steps.push(Step::Stop { key: *key });
                     }
                     let sock = match other {
                         Some(_) => None,
@@ -110,6 +130,7 @@ impl ListenerSet {
                         ),
                     };
                     steps.push(Step::Start {
+                        key: *key,
                         cfg: l.clone(),
                         sock,
                         set,
@@ -117,9 +138,9 @@ impl ListenerSet {
                 }
             }
         }
-        for bind in running.keys() {
-            if !wanted.iter().any(|l| l.bind == *bind) {
-                steps.push(Step::Stop { bind: *bind });
+        for key in running.keys() {
+            if !wanted_keys.contains(key) {
+                steps.push(Step::Stop { key: *key });
             }
         }
         Ok(Prepared(steps))
@@ -130,20 +151,25 @@ impl ListenerSet {
         let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
         for step in prepared.0 {
             match step {
-                Step::Stop { bind } => {
-                    if let Some(r) = running.remove(&bind) {
+                Step::Stop { key } => {
+                    if let Some(r) = running.remove(&key) {
                         r.stop.cancel();
-                        tracing::info!(%bind, "listener stopped");
+                        tracing::info!(bind = %key.0, "listener stopped");
                     }
                 }
-                Step::Swap { bind, set } => {
-                    if let Some(r) = running.get(&bind) {
+                Step::Swap { key, set } => {
+                    if let Some(r) = running.get(&key) {
                         if let Some(res) = &r.resolver {
                             res.swap(set);
                         }
                     }
                 }
-                Step::Start { cfg, sock, set } => {
+                Step::Start {
+                    key,
+                    cfg,
+                    sock,
+                    set,
+                } => {
                     let sock = match sock.map_or_else(|| rebind(cfg.bind), Ok) {
                         Ok(s) => s,
                         Err(e) => {
@@ -152,7 +178,7 @@ impl ListenerSet {
                         }
                     };
                     let entry = self.start(&cfg, sock, set);
-                    running.insert(cfg.bind, entry);
+                    running.insert(key, entry);
                 }
             }
         }

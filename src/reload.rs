@@ -6,7 +6,6 @@
 //! Triggers (SIGHUP, the file changing on disk) live in the app; this module only decides
 //! whether what is on disk differs from what runs, and applies it.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -18,9 +17,9 @@ use tokio_util::sync::CancellationToken;
 use crate::app::load_config;
 use crate::config::Config;
 use crate::dns::DnsCache;
+use crate::listeners::ListenerSet;
 use crate::metrics::Metrics;
 use crate::runtime::{self, Shared};
-use crate::tls::{CertSet, SniResolver};
 
 /// Seconds since the Unix epoch, for the last-success gauge.
 pub fn unix_now() -> f64 {
@@ -108,19 +107,19 @@ pub struct Reloader {
     metrics: Arc<Metrics>,
     last_error: Arc<Mutex<Option<String>>>,
     last_hash: Mutex<u64>,
-    resolvers: Vec<(SocketAddr, Arc<SniResolver>)>,
+    listeners: Arc<ListenerSet>,
     dns: DnsCache,
 }
 
 impl Reloader {
-    /// A reloader for the running runtime; `resolvers` are the TLS listeners' certificate
-    /// resolvers by bind address, `dns` the cache of `dns:` endpoint answers.
+    /// A reloader for the running runtime; `listeners` are the running client listeners,
+    /// `dns` the cache of `dns:` endpoint answers.
     pub fn new(
         path: PathBuf,
         shared: Shared,
         metrics: Arc<Metrics>,
         last_error: Arc<Mutex<Option<String>>>,
-        resolvers: Vec<(SocketAddr, Arc<SniResolver>)>,
+        listeners: Arc<ListenerSet>,
         dns: DnsCache,
     ) -> Reloader {
         let hash = fingerprint(&path, Some(&shared.load().config)).unwrap_or(0);
@@ -130,7 +129,7 @@ impl Reloader {
             metrics,
             last_error,
             last_hash: Mutex::new(hash),
-            resolvers,
+            listeners,
             dns,
         }
     }
@@ -176,45 +175,17 @@ impl Reloader {
         match load_config(&self.path) {
             Ok(cfg) => {
                 let hash = fingerprint(&self.path, Some(&cfg));
-                let old = self.shared.load_full();
-                let binds = |c: &Config| {
-                    c.listeners
-                        .iter()
-                        .map(|l| (l.bind, l.tls.is_empty()))
-                        .collect::<Vec<_>>()
+                // New sockets are bound and every certificate loaded before anything
+                // changes; a bind that fails rejects the whole reload.
+                let prepared = match self.listeners.prepare(&cfg.listeners) {
+                    Ok(p) => p,
+                    Err(e) => return self.reject(why, e, hash),
                 };
-                if binds(&cfg) != binds(&old.config) {
-                    tracing::warn!("listener changes take effect at the next restart; other changes are applied");
-                }
-                // New certificates for listeners that keep running; load_config has checked
-                // them already, so a failure here is a file changing under us.
-                let mut sets = Vec::new();
-                for (bind, resolver) in &self.resolvers {
-                    if let Some(l) = cfg
-                        .listeners
-                        .iter()
-                        .find(|l| l.bind == *bind && !l.tls.is_empty())
-                    {
-                        match CertSet::load(&l.tls) {
-                            Ok(set) => sets.push((resolver.clone(), set)),
-                            Err(errs) => {
-                                let msg = errs
-                                    .into_iter()
-                                    .map(|e| e.message)
-                                    .collect::<Vec<_>>()
-                                    .join("; ");
-                                return self.reject(why, format!("listener {bind}: {msg}"), hash);
-                            }
-                        }
-                    }
-                }
                 // New `dns:` names are resolved first, so their pools start with endpoints.
                 crate::dns::resolve_missing_blocking(&cfg, &self.metrics, &self.dns);
                 let generation =
                     runtime::rebuild(&self.shared, cfg, &self.metrics, &mut self.dns.lock());
-                for (resolver, set) in sets {
-                    resolver.swap(set);
-                }
+                self.listeners.commit(prepared);
                 self.metrics
                     .config_reloads
                     .with_label_values(&["success"])
