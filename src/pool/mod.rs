@@ -278,3 +278,7 @@ impl Drop for Admit {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "admission_tests.rs"]
+mod admission_tests;
