@@ -414,6 +414,7 @@ impl Metrics {
             connects: self.upstream_connects.with_label_values(l),
             ejections: self.endpoint_ejections.with_label_values(l),
             header_duration: self.upstream_header_duration.with_label_values(l),
+            requests: std::sync::Arc::new(CodeCounters::new(&self.upstream_requests, l)),
         }
     }
 
@@ -499,4 +500,77 @@ pub struct EndpointMetrics {
     pub ejections: IntCounter,
     /// `fpmgate_upstream_header_duration_seconds`.
     pub header_duration: Histogram,
+    /// `fpmgate_upstream_requests_total{pool,endpoint,code}`.
+    pub requests: std::sync::Arc<CodeCounters>,
+}
+
+/// The status codes whose counters are bound once per label set; any other code takes the
+/// slower labelled lookup. Bound lazily, so a series appears only once it has been seen.
+const COMMON_CODES: [u16; 20] = [
+    200, 201, 204, 206, 301, 302, 304, 400, 401, 403, 404, 405, 408, 413, 414, 429, 500, 502, 503,
+    504,
+];
+
+/// A counter family with every label but `code` fixed: the request path increments by code
+/// without hashing label strings.
+pub struct CodeCounters {
+    vec: IntCounterVec,
+    labels: Vec<String>,
+    bound: [std::sync::OnceLock<IntCounter>; COMMON_CODES.len()],
+}
+
+impl CodeCounters {
+    /// Counters of `vec` with the leading labels fixed (`code` is the last label).
+    pub fn new(vec: &IntCounterVec, labels: &[&str]) -> CodeCounters {
+        CodeCounters {
+            vec: vec.clone(),
+            labels: labels.iter().map(|s| s.to_string()).collect(),
+            bound: std::array::from_fn(|_| std::sync::OnceLock::new()),
+        }
+    }
+
+    /// Adds one for `code`.
+    pub fn inc(&self, code: http::StatusCode) {
+        let n = code.as_u16();
+        let with_code = || {
+            let mut l: Vec<&str> = self.labels.iter().map(String::as_str).collect();
+            l.push(code.as_str());
+            self.vec.with_label_values(&l)
+        };
+        match COMMON_CODES.iter().position(|&c| c == n) {
+            Some(i) => self.bound[i].get_or_init(with_code).inc(),
+            None => with_code().inc(),
+        }
+    }
+}
+
+/// Handles of one (vhost, pool) pair, bound on first use.
+pub struct RouteMetrics {
+    /// `fpmgate_http_requests_total{vhost,pool,code}`.
+    pub requests: CodeCounters,
+    duration_vec: HistogramVec,
+    labels: [String; 2],
+    duration: std::sync::OnceLock<Histogram>,
+}
+
+impl RouteMetrics {
+    /// Handles for requests routed to `vhost` and `pool`.
+    pub fn new(m: &Metrics, vhost: &str, pool: &str) -> RouteMetrics {
+        RouteMetrics {
+            requests: CodeCounters::new(&m.http_requests, &[vhost, pool]),
+            duration_vec: m.http_duration.clone(),
+            labels: [vhost.to_string(), pool.to_string()],
+            duration: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// `fpmgate_http_request_duration_seconds{vhost,pool}`.
+    pub fn duration(&self) -> Histogram {
+        self.duration
+            .get_or_init(|| {
+                self.duration_vec
+                    .with_label_values(&[&self.labels[0], &self.labels[1]])
+            })
+            .clone()
+    }
 }

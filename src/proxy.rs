@@ -55,6 +55,8 @@ pub struct Proxy {
 struct Trace<'r> {
     vhost: &'r str,
     pool: &'r str,
+    /// `(vhost, pool)` indexes once routed.
+    route: Option<(usize, usize)>,
     upstream: Upstream,
 }
 
@@ -102,14 +104,17 @@ impl Proxy {
         let mut trace = Trace {
             vhost: "-",
             pool: "-",
+            route: None,
             upstream: Upstream::default(),
         };
         let result = self.serve(&rt, req, &conn, client, &rid, &mut trace).await;
         let Trace {
             vhost,
             pool,
+            route,
             upstream,
         } = trace;
+        let route_metrics = route.map(|(v, p)| Arc::clone(&rt.route_metrics[v][p]));
         let mut cause = None;
         let mut resp = match result {
             Ok(resp) => resp,
@@ -134,10 +139,14 @@ impl Proxy {
             }
         };
         let status = resp.status();
-        self.metrics
-            .http_requests
-            .with_label_values(&[vhost, pool, status.as_str()])
-            .inc();
+        match &route_metrics {
+            Some(m) => m.requests.inc(status),
+            None => self
+                .metrics
+                .http_requests
+                .with_label_values(&[vhost, pool, status.as_str()])
+                .inc(),
+        }
         if let Ok(v) = HeaderValue::from_str(&rid) {
             resp.headers_mut().insert(REQUEST_ID, v);
         }
@@ -150,7 +159,10 @@ impl Proxy {
             r.cause = cause;
             r
         });
-        let histogram = self.metrics.http_duration.with_label_values(&[vhost, pool]);
+        let histogram = match &route_metrics {
+            Some(m) => m.duration(),
+            None => self.metrics.http_duration.with_label_values(&[vhost, pool]),
+        };
         let done = Completion::new(started, Some(histogram), record);
         Ok(resp.map(|b| ResponseBody::new(b, Some(Box::new(done)))))
     }
@@ -201,6 +213,7 @@ impl Proxy {
         let pool = &rt.pools[pi];
         trace.vhost = vhost.label.as_str();
         trace.pool = pool.name();
+        trace.route = Some((vi, pi));
 
         let local_check = vhost
             .static_dir

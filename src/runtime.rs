@@ -18,7 +18,7 @@ use arc_swap::ArcSwap;
 
 use crate::config::{Config, Limits, PoolConfig, RouteMatch as CfgRouteMatch};
 use crate::dns::{self, DnsMap};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, RouteMetrics};
 use crate::pool::{ConnSettings, Endpoint, Pool};
 use crate::router::{RouteMatch, Router, VhostRoutes};
 
@@ -51,6 +51,8 @@ pub struct Runtime {
     pub vhosts: Vec<Vhost>,
     /// Pools, by the indexes the router returns.
     pub pools: Vec<Arc<Pool>>,
+    /// Request metrics by `[vhost][pool]`, bound once per runtime.
+    pub route_metrics: Vec<Vec<Arc<RouteMetrics>>>,
 }
 
 impl Runtime {
@@ -221,12 +223,22 @@ pub fn build(
         }
     }
     metrics.config_generation.set(generation as i64);
+    let route_metrics = vhosts
+        .iter()
+        .map(|v| {
+            pools
+                .iter()
+                .map(|p| Arc::new(RouteMetrics::new(metrics, &v.label, p.name())))
+                .collect()
+        })
+        .collect();
     Runtime {
         generation,
         router: Router::new(routes),
         vhosts,
         pools,
         config,
+        route_metrics,
     }
 }
 

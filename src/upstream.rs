@@ -127,10 +127,7 @@ pub async fn exchange(
                 ep.metrics.header_duration.observe(header_secs);
                 seen.header_secs = Some(header_secs);
                 let code = head.status;
-                metrics
-                    .upstream_requests
-                    .with_label_values(&[pool.name(), &ep.label, code.as_str()])
-                    .inc();
+                ep.metrics.requests.inc(code);
                 if code.is_informational() {
                     // Passive health: a protocol error counts against the endpoint.
                     pool.passive_failure(&ep);

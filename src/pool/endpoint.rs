@@ -23,6 +23,9 @@ use crate::pool::fpm_status::FpmSnapshot;
 use crate::pool::health::EndpointHealth;
 use crate::pool::Pool;
 
+/// Kept connections idle for less than this are reused without a liveness probe.
+const FRESH_IDLE: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Read buffer size of a FastCGI connection: one full record plus its header.
 const READ_BUF: usize = 64 * 1024 + 16;
 
@@ -274,7 +277,13 @@ impl Endpoint {
             };
             let Some(idle) = idle else { break };
             self.metrics.idle.dec();
-            if idle.since.elapsed() < settings.idle_timeout && idle.stream.is_reusable() {
+            // Probing the socket costs a syscall; a connection returned moments ago (the
+            // busy case) is almost never stale, and if it is, the request is retried for
+            // free on a fresh connection, so only longer-idle ones are probed.
+            let idle_for = idle.since.elapsed();
+            if idle_for < settings.idle_timeout
+                && (idle_for < FRESH_IDLE || idle.stream.is_reusable())
+            {
                 self.metrics.reuses.inc();
                 return Ok(Conn {
                     stream: idle.stream,
