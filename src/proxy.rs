@@ -364,11 +364,15 @@ fn request_id<B>(req: &mut Request<B>, trusted: bool, n: u64) -> Arc<str> {
             }
         }
     }
-    let id = format!("{n:016x}");
-    if let Ok(v) = HeaderValue::from_str(&id) {
+    let mut hex = [0u8; 16];
+    for (i, b) in hex.iter_mut().enumerate() {
+        *b = b"0123456789abcdef"[((n >> (60 - 4 * i)) & 0xf) as usize];
+    }
+    if let Ok(v) = HeaderValue::from_bytes(&hex) {
         req.headers_mut().insert(REQUEST_ID, v);
     }
-    Arc::from(id)
+    // Hex digits are ASCII.
+    Arc::from(std::str::from_utf8(&hex).unwrap_or("0"))
 }
 
 fn access_record<B>(

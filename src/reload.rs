@@ -61,7 +61,9 @@ const DEBOUNCE: Duration = Duration::from_millis(150);
 pub async fn watch(reloader: Arc<Reloader>, token: CancellationToken) {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
     let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-        if res.is_ok() {
+        // Reads (ours included: every check reads the files) are not changes; reacting to
+        // them would re-read the files forever.
+        if res.is_ok_and(|e| !matches!(e.kind, notify::EventKind::Access(_))) {
             let _ = tx.send(());
         }
     });

@@ -143,7 +143,7 @@ pub struct KeepaliveSpec {
 #[derive(Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TimeoutsSpec {
-    /// Connect to an endpoint. Default `1s`.
+    /// Connect to an endpoint. Default `3s`.
     pub connect: Option<Text>,
     /// Longest FPM silence, before the first byte and between reads. Default `60s`.
     pub read: Option<Text>,

@@ -26,8 +26,9 @@ use crate::pool::Pool;
 /// Kept connections idle for less than this are reused without a liveness probe.
 const FRESH_IDLE: std::time::Duration = std::time::Duration::from_millis(100);
 
-/// Read buffer size of a FastCGI connection: one full record plus its header.
-const READ_BUF: usize = 64 * 1024 + 16;
+/// Initial read buffer of a FastCGI connection: enough for a typical response in one read;
+/// it grows to a whole 64 KiB record only when FPM sends one.
+const READ_BUF: usize = 16 * 1024;
 
 struct Idle {
     stream: Stream,

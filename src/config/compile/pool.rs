@@ -130,7 +130,9 @@ fn compile_pool(cx: &mut Ctx, name: &str, spec: PoolSpec) -> PoolConfig {
         )
     };
     let timeouts = TimeoutsConfig {
-        connect: timeout(t.map(|t| &t.connect), "connect", 1),
+        // 3 s, not 1 s: a SYN dropped by a full FPM backlog is retransmitted after 1 s, and
+        // one lost SYN should not fail (and passively eject) an endpoint.
+        connect: timeout(t.map(|t| &t.connect), "connect", 3),
         read: timeout(t.map(|t| &t.read), "read", 60),
         send: timeout(t.map(|t| &t.send), "send", 60),
     };
