@@ -262,7 +262,7 @@ fn minimal_config_gets_every_default() {
     assert_eq!(
         (t.connect, t.read, t.send),
         (
-            Duration::from_secs(1),
+            Duration::from_secs(3),
             Duration::from_secs(60),
             Duration::from_secs(60)
         )
