@@ -139,7 +139,11 @@ impl Proxy {
             }
         };
         let status = resp.status();
+        // Without an admin listener nobody can scrape: skip the per-request series (the
+        // gauges that guards move, and the error counters, stay).
+        let record = rt.config.admin.is_some();
         match &route_metrics {
+            _ if !record => {}
             Some(m) => m.requests.inc(status),
             None => self
                 .metrics
@@ -150,7 +154,7 @@ impl Proxy {
         if let Ok(v) = HeaderValue::from_str(&rid) {
             resp.headers_mut().insert(REQUEST_ID, v);
         }
-        let record = access.map(|mut r| {
+        let access = access.map(|mut r| {
             r.vhost = vhost.to_string();
             r.pool = pool.to_string();
             r.endpoint = upstream.endpoint.as_ref().map(|e| e.label.clone());
@@ -160,10 +164,11 @@ impl Proxy {
             r
         });
         let histogram = match &route_metrics {
-            Some(m) => m.duration(),
-            None => self.metrics.http_duration.with_label_values(&[vhost, pool]),
+            _ if !record => None,
+            Some(m) => Some(m.duration()),
+            None => Some(self.metrics.http_duration.with_label_values(&[vhost, pool])),
         };
-        let done = Completion::new(started, Some(histogram), record);
+        let done = Completion::new(started, histogram, access);
         Ok(resp.map(|b| ResponseBody::new(b, Some(Box::new(done)))))
     }
 
@@ -214,6 +219,7 @@ impl Proxy {
         trace.vhost = vhost.label.as_str();
         trace.pool = pool.name();
         trace.route = Some((vi, pi));
+        trace.upstream.record = rt.config.admin.is_some();
 
         let local_check = vhost
             .static_dir

@@ -28,6 +28,8 @@ pub struct Upstream {
     pub endpoint: Option<Arc<Endpoint>>,
     /// Seconds from sending the request to the end of FPM's response head.
     pub header_secs: Option<f64>,
+    /// Per-request metrics are recorded (false without an admin listener: nobody can scrape).
+    pub record: bool,
 }
 
 impl ParamSink for ParamsWriter<'_> {
@@ -124,7 +126,9 @@ pub async fn exchange(
         {
             Ok((head, rest, reusable)) => {
                 let header_secs = sent.elapsed().as_secs_f64();
-                ep.metrics.header_duration.observe(header_secs);
+                if seen.record {
+                    ep.metrics.header_duration.observe(header_secs);
+                }
                 seen.header_secs = Some(header_secs);
                 let code = head.status;
                 ep.metrics.requests.inc(code);
