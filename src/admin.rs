@@ -34,6 +34,9 @@ pub struct Admin {
     pub metrics: Arc<Metrics>,
     /// The last reload error, shown in `/status`.
     pub last_error: Arc<std::sync::Mutex<Option<String>>>,
+    /// Reloads the config file (blocking: file reads, certificate loads, DNS), returning
+    /// whether the new config is running. Called on a blocking thread by `POST /reload`.
+    pub reload: Option<Arc<dyn Fn() -> bool + Send + Sync>>,
 }
 
 /// Serves the admin API until shutdown.
@@ -47,7 +50,12 @@ pub async fn serve(listener: TcpListener, admin: Admin, shutdown: CancellationTo
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
                 let admin = admin.clone();
-                async move { Ok::<_, Infallible>(admin.route(req)) }
+                async move {
+                    if req.uri().path() == "/reload" {
+                        return Ok::<_, Infallible>(admin.reload_now(&req).await);
+                    }
+                    Ok::<_, Infallible>(admin.route(req))
+                }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -171,19 +179,53 @@ impl Admin {
             "/healthz" => text(StatusCode::OK, "ok\n", "text/plain"),
             "/readyz" => self.readyz(),
             "/status" => text(StatusCode::OK, self.status_json(), "application/json"),
-            "/reload" => self.post(&req, |_| {
-                text(
-                    StatusCode::NOT_IMPLEMENTED,
-                    "reload via SIGHUP or by editing the file\n",
-                    "text/plain",
-                )
-            }),
             _ => match parse_endpoint_path(path) {
                 Some((pool, addr, action)) => {
                     self.post(&req, |admin| admin.endpoint_action(&pool, &addr, action))
                 }
                 None => text(StatusCode::NOT_FOUND, "not found\n", "text/plain"),
             },
+        }
+    }
+
+    /// `POST /reload`: the same as SIGHUP; 200 when the new config runs, 422 with the
+    /// errors (line numbers included) when it was rejected and the old one keeps serving.
+    async fn reload_now<B>(&self, req: &Request<B>) -> Response<ProxyBody> {
+        let denied = self.post(req, |_| text(StatusCode::OK, "", "text/plain"));
+        if denied.status() != StatusCode::OK {
+            return denied;
+        }
+        let Some(reload) = self.reload.clone() else {
+            return text(
+                StatusCode::NOT_IMPLEMENTED,
+                "reload is not available\n",
+                "text/plain",
+            );
+        };
+        match tokio::task::spawn_blocking(move || reload()).await {
+            Ok(true) => text(
+                StatusCode::OK,
+                format!("reloaded: generation {}\n", self.shared.load().generation),
+                "text/plain",
+            ),
+            Ok(false) => {
+                let err = self
+                    .last_error
+                    .lock()
+                    .map(|g| g.clone())
+                    .unwrap_or(None)
+                    .unwrap_or_default();
+                text(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    format!("config rejected; the running config keeps serving:\n{err}"),
+                    "text/plain",
+                )
+            }
+            Err(_) => text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "reload failed\n",
+                "text/plain",
+            ),
         }
     }
 

@@ -118,6 +118,14 @@ async fn serve(path: PathBuf, config: Config) -> anyhow::Result<()> {
     listener_set.commit(prepared);
 
     let last_error = Arc::new(std::sync::Mutex::new(None));
+    let reloader = Arc::new(Reloader::new(
+        path.clone(),
+        shared.clone(),
+        metrics.clone(),
+        last_error.clone(),
+        listener_set.clone(),
+        dns_cache.clone(),
+    ));
     if let Some(a) = &admin_cfg {
         let sock = listener::bind(a.bind).with_context(|| format!("binding admin {}", a.bind))?;
         let addr = sock.local_addr()?;
@@ -126,6 +134,10 @@ async fn serve(path: PathBuf, config: Config) -> anyhow::Result<()> {
             shared: shared.clone(),
             metrics: metrics.clone(),
             last_error: last_error.clone(),
+            reload: Some({
+                let r = reloader.clone();
+                Arc::new(move || r.reload("admin POST /reload"))
+            }),
         };
         tokio::spawn(admin::serve(sock, admin, shutdown.clone()));
     }
@@ -145,14 +157,6 @@ async fn serve(path: PathBuf, config: Config) -> anyhow::Result<()> {
         });
     }
 
-    let reloader = Arc::new(Reloader::new(
-        path.clone(),
-        shared.clone(),
-        metrics.clone(),
-        last_error,
-        listener_set.clone(),
-        dns_cache.clone(),
-    ));
     tokio::spawn(crate::reload::watch(reloader.clone(), shutdown.clone()));
     tokio::spawn(crate::dns::discover(
         shared.clone(),

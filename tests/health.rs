@@ -518,7 +518,11 @@ async fn drain_and_enable_through_the_admin_api() {
     let unknown = "/pools/app/endpoints/127.0.0.1%3A1/drain";
     assert_eq!(post(&g, unknown, Some("s3cret")).await.0, 404);
     assert_eq!(post(&g, "/reload", None).await.0, 401);
-    assert_eq!(post(&g, "/reload", Some("s3cret")).await.0, 501);
+    assert_eq!(
+        post(&g, "/reload", Some("s3cret")).await.0,
+        200,
+        "POST /reload applies the file like SIGHUP"
+    );
     assert_eq!(get_text(&g.admin_url("/status")).await.0, 200);
     assert_eq!(get_text(&g.admin_url("/metrics")).await.0, 200);
 }

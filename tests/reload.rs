@@ -330,3 +330,25 @@ async fn listeners_are_added_and_removed_by_reload() {
     }
     assert_eq!(which_pool(&g).await, "a");
 }
+
+#[tokio::test]
+async fn admin_post_reload_applies_or_rejects() {
+    let (a, b) = (fpm("a", 2), fpm("b", 1));
+    let g = Gate::start(&config(&a, &b, "a"));
+    g.rewrite_config(&config(&a, &b, "b"));
+    let r = client().post(g.admin_url("/reload")).send().await.unwrap();
+    assert_eq!(r.status(), 200, "{:?}", r.text().await);
+    assert_eq!(which_pool(&g).await, "b");
+    std::fs::write(&g.config_path, "vhosts: [\n").unwrap();
+    let r = client().post(g.admin_url("/reload")).send().await.unwrap();
+    assert_eq!(r.status(), 422);
+    assert!(
+        r.text().await.unwrap().contains("fpmgate.yaml:"),
+        "errors carry file and line"
+    );
+    assert_eq!(
+        which_pool(&g).await,
+        "b",
+        "the running config keeps serving"
+    );
+}
