@@ -284,13 +284,7 @@ vhosts:
 
 #[tokio::test]
 async fn full_queue_is_503_at_once_and_queued_requests_are_served() {
-    let g = gate(
-        &shared_fpm().endpoint(),
-        "    queue: { size: 1, timeout: 5s }\n    retry_after: 7",
-        "",
-    );
-    // max_conns 16 by default: take it down to 1 with a dedicated config.
-    drop(g);
+    // One worker slot (max_conns 1) and room for one waiter.
     let g = Gate::start(&format!(
         r#"
 listen: [ {{ bind: "127.0.0.1:0" }} ]

@@ -415,8 +415,3 @@ impl Conn {
         drop(slot);
     }
 }
-
-/// Duration helper for tests and the status page.
-pub fn ms(d: Duration) -> u64 {
-    d.as_millis() as u64
-}
