@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::pool::endpoint::now_ms;
@@ -28,6 +29,8 @@ pub struct Clock {
     /// HTTP/2: no head timer (pings and window updates arrive between requests).
     h2: AtomicBool,
     first_read: AtomicBool,
+    /// Set while the HTTP/1 server is being parked: closing it must leave the socket open.
+    parking: AtomicBool,
 }
 
 /// What the watchdog should do.
@@ -53,6 +56,7 @@ impl Clock {
             head_since: AtomicU64::new(if h2 { 0 } else { now.max(1) }),
             h2: AtomicBool::new(h2),
             first_read: AtomicBool::new(true),
+            parking: AtomicBool::new(false),
         })
     }
 
@@ -74,6 +78,33 @@ impl Clock {
         self.inflight.fetch_add(1, Ordering::Relaxed);
         self.head_since.store(0, Ordering::Relaxed);
         InFlight(Arc::clone(self))
+    }
+
+    /// Whether an HTTP/1 connection has been quiet long enough to park: no request in
+    /// flight, no byte of a next head seen, idle for at least `after`.
+    pub fn parkable(&self, after: Duration) -> bool {
+        self.inflight.load(Ordering::Relaxed) == 0
+            && self.head_since.load(Ordering::Relaxed) == 0
+            && now_ms().saturating_sub(self.idle_since.load(Ordering::Relaxed))
+                >= after.as_millis() as u64
+    }
+
+    /// Marks the connection as being parked (or not): see [`Watched`]'s shutdown.
+    pub fn set_parking(&self, on: bool) {
+        self.parking.store(on, Ordering::Relaxed);
+    }
+
+    /// How long a parked connection may stay silent from now: what is left of
+    /// `header_timeout` when a head is owed (a fresh connection), else of `idle_timeout`.
+    pub fn park_budget(&self, header_timeout: Duration, idle_timeout: Duration) -> Duration {
+        let now = now_ms();
+        let head = self.head_since.load(Ordering::Relaxed);
+        let (since, limit) = if head != 0 {
+            (head, header_timeout)
+        } else {
+            (self.idle_since.load(Ordering::Relaxed), idle_timeout)
+        };
+        limit.saturating_sub(Duration::from_millis(now.saturating_sub(since)))
     }
 
     /// The watchdog's decision at this moment.
@@ -116,13 +147,35 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: I,
         clock: Arc<Clock>,
+        prefix: Bytes,
     }
 }
 
 impl<I> Watched<I> {
     /// Wraps `inner`.
     pub fn new(inner: I, clock: Arc<Clock>) -> Watched<I> {
-        Watched { inner, clock }
+        Watched {
+            inner,
+            clock,
+            prefix: Bytes::new(),
+        }
+    }
+
+    /// The wrapped IO.
+    pub fn get_mut(&mut self) -> &mut I {
+        &mut self.inner
+    }
+
+    /// Whether bytes given to [`Watched::unread`] are still waiting.
+    pub fn has_unread(&self) -> bool {
+        !self.prefix.is_empty()
+    }
+
+    /// Bytes already read from the socket (by a server that was parked) to be read again
+    /// before the socket's own.
+    pub fn unread(&mut self, bytes: Bytes) {
+        debug_assert!(self.prefix.is_empty());
+        self.prefix = bytes;
     }
 }
 
@@ -133,6 +186,11 @@ impl<I: AsyncRead> AsyncRead for Watched<I> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.project();
+        if !this.prefix.is_empty() {
+            let n = this.prefix.len().min(buf.remaining());
+            buf.put_slice(&this.prefix.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
         let before = buf.filled().len();
         let r = this.inner.poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = r {
@@ -167,7 +225,12 @@ impl<I: AsyncWrite> AsyncWrite for Watched<I> {
         self.project().inner.poll_flush(cx)
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.project().inner.poll_shutdown(cx)
+        let this = self.project();
+        if this.clock.parking.load(Ordering::Relaxed) {
+            // The server closes its side of a parked connection; the socket stays open.
+            return Poll::Ready(Ok(()));
+        }
+        this.inner.poll_shutdown(cx)
     }
 }
 

@@ -1,5 +1,5 @@
 //! Client listeners: bind, accept under `max_connections`, and serve each connection with
-//! hyper-util's auto builder (HTTP/1.1, and HTTP/2 with prior knowledge on plaintext).
+//! hyper (HTTP/1.1, HTTP/2 by ALPN, and HTTP/2 with prior knowledge on plaintext).
 //!
 //! Every connection task watches the shutdown token: on shutdown HTTP/1 connections close
 //! after their current response and HTTP/2 connections send GOAWAY.
@@ -9,10 +9,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::task::{Context, Poll};
+
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -40,21 +43,88 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     TcpListener::from_std(socket.into())
 }
 
-/// Builds the HTTP server settings for one connection from the current limits.
-pub fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
-    let mut b = auto::Builder::new(TokioExecutor::new());
-    // hyper needs a timer or header_read_timeout never fires (slowloris). Its header timer
-    // also bounds the idle wait between kept-alive requests.
-    b.http1()
-        .timer(TokioTimer::new())
-        // Head and idle timers are ours (conn_clock): hyper's restarts on idle reads.
+/// Idle HTTP/1 connections park after this long: the HTTP server state and its buffers
+/// are dropped and the connection waits for its next request with nothing but the socket,
+/// the way nginx frees its buffers between kept-alive requests. Thousands of idle
+/// keep-alive clients then cost about a kilobyte each instead of tens.
+const PARK_AFTER: Duration = Duration::from_millis(200);
+
+/// What a connection's timers need, copied out of the limits at accept.
+#[derive(Clone, Copy)]
+struct Timers {
+    header: Duration,
+    idle: Duration,
+    max_head: usize,
+    /// The watchdog's period while a server runs.
+    tick: Duration,
+}
+
+impl Timers {
+    fn new(limits: &Limits) -> Timers {
+        // Half the shorter timeout, so either fires within 1.5x of its setting; at most
+        // PARK_AFTER, so an idle connection parks soon after it went quiet.
+        let tick = (limits.header_timeout.min(limits.idle_timeout) / 2)
+            .clamp(Duration::from_millis(50), PARK_AFTER);
+        Timers {
+            header: limits.header_timeout,
+            idle: limits.idle_timeout,
+            max_head: limits.max_header_bytes,
+            tick,
+        }
+    }
+}
+
+/// A client connection's IO, as far as parking needs it.
+pub trait ClientIo: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    /// Ready when a read would not block (bytes, end of stream or an error), without
+    /// reading anything.
+    fn poll_parked(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+
+    /// Plaintext only: copies the bytes waiting to be read, without consuming them, to
+    /// tell HTTP/2 prior knowledge from HTTP/1. `Ok(0)` where that cannot be done.
+    fn poll_peek(&mut self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+        let _ = (cx, buf);
+        Poll::Ready(Ok(0))
+    }
+}
+
+impl ClientIo for TcpStream {
+    fn poll_parked(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.poll_read_ready(cx)
+    }
+
+    fn poll_peek(&mut self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+        let mut rb = ReadBuf::new(buf);
+        TcpStream::poll_peek(self, cx, &mut rb).map_ok(|n| n.min(rb.filled().len()))
+    }
+}
+
+impl ClientIo for tokio_rustls::server::TlsStream<TcpStream> {
+    fn poll_parked(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let (tcp, tls) = self.get_mut();
+        if !tls.wants_read() {
+            // Decrypted bytes (or a close) are already waiting inside rustls.
+            return Poll::Ready(Ok(()));
+        }
+        tcp.poll_read_ready(cx)
+    }
+}
+
+fn http1_builder(t: &Timers) -> http1::Builder {
+    let mut b = http1::Builder::new();
+    // Head and idle timers are ours (conn_clock): hyper's restarts on idle reads.
+    b.timer(TokioTimer::new())
         .header_read_timeout(None)
-        .max_buf_size(limits.max_header_bytes.max(8192))
+        .max_buf_size(t.max_head.max(8192))
         .title_case_headers(true)
         .keep_alive(true);
-    b.http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+    b
+}
+
+fn http2_builder(t: &Timers) -> http2::Builder<TokioExecutor> {
+    let mut b = http2::Builder::new(TokioExecutor::new());
+    b.timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(t.max_head).unwrap_or(u32::MAX))
         .initial_stream_window_size(1 << 20)
         .initial_connection_window_size(4 << 20)
         .max_concurrent_streams(128)
@@ -115,7 +185,8 @@ pub async fn accept_loop(
             let (mut stream, mut remote, mut local) = (stream, remote, local);
             if proxy_protocol {
                 let timeout = s2.proxy.shared.load().limits().header_timeout;
-                match crate::proxy_protocol::read_header(&mut stream, timeout).await {
+                // Boxed, like the serving below.
+                match Box::pin(crate::proxy_protocol::read_header(&mut stream, timeout)).await {
                     Ok(Some((src, dst))) => (remote, local) = (src, dst),
                     Ok(None) => {}
                     Err(e) => {
@@ -125,6 +196,8 @@ pub async fn accept_loop(
                     }
                 }
             }
+            // Boxed: a task keeps room for its largest state for its whole life, and a
+            // parked plaintext connection should not carry a TLS session's.
             match tls {
                 None => {
                     let info = Arc::new(ConnInfo {
@@ -132,30 +205,9 @@ pub async fn accept_loop(
                         local,
                         tls: None,
                     });
-                    serve_connection(stream, info, &s2, false).await;
+                    Box::pin(serve_connection(stream, info, &s2, false)).await;
                 }
-                Some(cfg) => {
-                    // A handshake gets the same budget as a request head: a client that
-                    // opens a socket and says nothing must not hold a connection slot.
-                    let timeout = s2.proxy.shared.load().limits().header_timeout;
-                    let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
-                    match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
-                        Ok(Ok(tls_stream)) => {
-                            let proto = crate::tls::protocol_name(
-                                tls_stream.get_ref().1.protocol_version(),
-                            );
-                            let info = Arc::new(ConnInfo {
-                                remote,
-                                local,
-                                tls: Some(proto),
-                            });
-                            let h2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");
-                            serve_connection(tls_stream, info, &s2, h2).await;
-                        }
-                        Ok(Err(e)) => tracing::debug!(%remote, "TLS handshake failed: {e}"),
-                        Err(_) => tracing::debug!(%remote, "TLS handshake timed out"),
-                    }
-                }
+                Some(cfg) => Box::pin(serve_tls(stream, cfg, remote, local, &s2)).await,
             }
             gauge.dec();
             drop(permit);
@@ -163,32 +215,193 @@ pub async fn accept_loop(
     }
 }
 
+/// The TLS handshake, then [`serve_connection`].
+async fn serve_tls(
+    stream: TcpStream,
+    cfg: Arc<rustls::ServerConfig>,
+    remote: SocketAddr,
+    local: SocketAddr,
+    s: &Serve,
+) {
+    // A handshake gets the same budget as a request head: a client that opens a socket
+    // and says nothing must not hold a connection slot.
+    let timeout = s.proxy.shared.load().limits().header_timeout;
+    let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
+    match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+        Ok(Ok(tls_stream)) => {
+            let proto = crate::tls::protocol_name(tls_stream.get_ref().1.protocol_version());
+            let info = Arc::new(ConnInfo {
+                remote,
+                local,
+                tls: Some(proto),
+            });
+            let h2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");
+            serve_connection(tls_stream, info, s, h2).await;
+        }
+        Ok(Err(e)) => tracing::debug!(%remote, "TLS handshake failed: {e}"),
+        Err(_) => tracing::debug!(%remote, "TLS handshake timed out"),
+    }
+}
+
 /// Serves one accepted connection (plain or already TLS-terminated) to its end, with the
 /// header and idle timers of [`Clock`] watching it. `h2` when ALPN chose HTTP/2.
-pub async fn serve_connection<I>(io: I, info: Arc<ConnInfo>, s: &Serve, h2: bool)
-where
-    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    let limits = s.proxy.shared.load().limits().clone();
-    let builder = http_builder(&limits);
+///
+/// An HTTP/1 connection alternates between parked (waiting for bytes with no server
+/// state, see [`PARK_AFTER`]) and served (hyper's HTTP/1 server, until it has been idle
+/// for `PARK_AFTER`); an HTTP/2 connection is served to its end.
+pub async fn serve_connection<I: ClientIo>(io: I, info: Arc<ConnInfo>, s: &Serve, h2: bool) {
+    let t = Timers::new(s.proxy.shared.load().limits());
     let clock = Clock::new(h2);
-    let proxy = s.proxy.clone();
-    let svc_clock = clock.clone();
-    let service = service_fn(move |req| {
-        let in_flight = svc_clock.begin();
+    let mut io = Watched::new(io, clock.clone());
+    if h2 {
+        return serve_h2(io, info, s, &clock, t).await;
+    }
+    let mut first = true;
+    loop {
+        if !io.has_unread() {
+            let budget = clock.park_budget(t.header, t.idle);
+            let ready = tokio::select! {
+                _ = s.shutdown.cancelled() => false,
+                _ = tokio::time::sleep(budget) => false,
+                r = std::future::poll_fn(|cx| io.get_mut().poll_parked(cx)) => r.is_ok(),
+            };
+            if !ready {
+                // Shutting down, idle past idle_timeout, or silent past header_timeout
+                // since the accept: nothing is owed, close.
+                return;
+            }
+        }
+        if std::mem::take(&mut first) {
+            let budget = clock.park_budget(t.header, t.idle);
+            match tokio::time::timeout(budget, sniff_h2(&mut io))
+                .await
+                .unwrap_or(None)
+            {
+                Some(true) => return serve_h2(io, info, s, &clock, t).await,
+                Some(false) => {}
+                None => return,
+            }
+        }
+        match serve_h1(io, &info, s, &clock, t).await {
+            Some(back) => io = back,
+            None => return,
+        }
+    }
+}
+
+/// Whether a plaintext connection opens with the HTTP/2 preface. `None` on a read error.
+async fn sniff_h2<I: ClientIo>(io: &mut Watched<I>) -> Option<bool> {
+    const PRI: &[u8] = b"PRI ";
+    loop {
+        let mut buf = [0u8; 4];
+        let n = std::future::poll_fn(|cx| io.get_mut().poll_peek(cx, &mut buf))
+            .await
+            .ok()?;
+        if n >= PRI.len() || n == 0 || buf[..n] != PRI[..n] {
+            return Some(n >= PRI.len() && buf == *PRI);
+        }
+        // "P", "PR" or "PRI" so far: POST, PUT or PATCH may still follow.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+fn service(
+    s: &Serve,
+    info: &Arc<ConnInfo>,
+    clock: &Arc<Clock>,
+) -> impl hyper::service::Service<
+    hyper::Request<hyper::body::Incoming>,
+    Response = hyper::Response<crate::respbody::ResponseBody>,
+    Error = std::convert::Infallible,
+    Future = impl std::future::Future<
+        Output = Result<hyper::Response<crate::respbody::ResponseBody>, std::convert::Infallible>,
+    > + Send,
+> + Clone
+       + Send
+       + Unpin
+       + 'static {
+    let (proxy, info, clock) = (s.proxy.clone(), info.clone(), clock.clone());
+    service_fn(move |req| {
+        let in_flight = clock.begin();
         let fut = proxy.clone().handle(req, info.clone());
         async move {
             let mut resp = fut.await?;
             resp.body_mut().hold(in_flight);
             Ok::<_, std::convert::Infallible>(resp)
         }
-    });
-    let conn = builder.serve_connection(TokioIo::new(Watched::new(io, clock.clone())), service);
-    tokio::pin!(conn);
-    // Half the shorter timeout, so either fires within 1.5x of its setting; at most 1 s.
-    let period = (limits.header_timeout.min(limits.idle_timeout) / 2)
-        .clamp(Duration::from_millis(50), Duration::from_secs(1));
-    let mut tick = tokio::time::interval(period);
+    })
+}
+
+/// Runs hyper's HTTP/1 server on the connection until it ends (`None`) or has been idle
+/// for [`PARK_AFTER`] (the IO back, with any bytes the server had read ahead).
+async fn serve_h1<I: ClientIo>(
+    io: Watched<I>,
+    info: &Arc<ConnInfo>,
+    s: &Serve,
+    clock: &Arc<Clock>,
+    t: Timers,
+) -> Option<Watched<I>> {
+    // Boxed: the server's state lives only while it runs, not in a parked connection.
+    let mut conn =
+        Box::new(http1_builder(&t).serve_connection(TokioIo::new(io), service(s, info, clock)));
+    let mut tick = tokio::time::interval(t.tick);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let (mut closing, mut parking) = (false, false);
+    loop {
+        tokio::select! {
+            res = &mut *conn => {
+                if let Err(e) = res {
+                    tracing::debug!("client connection ended: {e}");
+                    return None;
+                }
+                if !parking {
+                    return None;
+                }
+                clock.set_parking(false);
+                tracing::trace!("connection parked");
+                let parts = conn.into_parts();
+                let mut io = parts.io.into_inner();
+                if !parts.read_buf.is_empty() {
+                    io.unread(parts.read_buf);
+                }
+                return Some(io);
+            }
+            _ = s.shutdown.cancelled(), if !closing => {
+                closing = true;
+                std::pin::Pin::new(&mut *conn).graceful_shutdown();
+            }
+            _ = tick.tick(), if !closing => match clock.check(t.header, t.idle) {
+                Verdict::Fine => {
+                    if clock.parkable(PARK_AFTER) {
+                        // hyper is idle (the clock saw no byte since the last response):
+                        // closing it now ends it at once and leaves the socket open.
+                        (closing, parking) = (true, true);
+                        clock.set_parking(true);
+                        std::pin::Pin::new(&mut *conn).graceful_shutdown();
+                    }
+                }
+                Verdict::Idle => {
+                    closing = true;
+                    std::pin::Pin::new(&mut *conn).graceful_shutdown();
+                }
+                // A slowloris head: no answer owed, drop the socket.
+                Verdict::SlowHead => return None,
+            },
+        }
+    }
+}
+
+/// Serves an HTTP/2 connection to its end.
+async fn serve_h2<I: ClientIo>(
+    io: Watched<I>,
+    info: Arc<ConnInfo>,
+    s: &Serve,
+    clock: &Arc<Clock>,
+    t: Timers,
+) {
+    let mut conn =
+        Box::pin(http2_builder(&t).serve_connection(TokioIo::new(io), service(s, &info, clock)));
+    let mut tick = tokio::time::interval(t.tick.max(Duration::from_secs(1).min(t.idle / 2)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut closing = false;
     loop {
@@ -203,15 +416,12 @@ where
                 closing = true;
                 conn.as_mut().graceful_shutdown();
             }
-            _ = tick.tick(), if !closing => match clock.check(limits.header_timeout, limits.idle_timeout) {
-                Verdict::Fine => {}
-                Verdict::Idle => {
+            _ = tick.tick(), if !closing => {
+                if clock.check(t.header, t.idle) == Verdict::Idle {
                     closing = true;
                     conn.as_mut().graceful_shutdown();
                 }
-                // A slowloris head: no answer owed, drop the socket.
-                Verdict::SlowHead => return,
-            },
+            }
         }
     }
 }

@@ -132,6 +132,56 @@ fn idle_timeout_is_separate_from_header_timeout() {
     );
 }
 
+/// Reads until `n` responses (status lines) have arrived, or 5 s.
+fn read_responses(s: &mut TcpStream, n: usize) -> String {
+    s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    let (mut out, t) = (Vec::new(), Instant::now());
+    let mut buf = [0u8; 4096];
+    while t.elapsed() < Duration::from_secs(5) {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(k) => out.extend_from_slice(&buf[..k]),
+            Err(_) => {}
+        }
+        let text = String::from_utf8_lossy(&out);
+        if statuses(&text).len() >= n && text.ends_with('\n') {
+            break;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[test]
+fn parked_connections_serve_split_and_pipelined_requests() {
+    // Idle HTTP/1 connections park (drop the server state) after 200 ms: whatever arrives
+    // next, however it is cut, must be served as if they never had.
+    let g = gate("limits: { header_timeout: 3s, idle_timeout: 10s }", "");
+    let mut s = TcpStream::connect(g.http).unwrap();
+    let req = "GET /pid.php HTTP/1.1\r\nHost: x\r\n\r\n";
+    // The first request's method cut after "P" (could be HTTP/2's "PRI"), then the rest.
+    s.write_all(b"P").unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    s.write_all(b"OST /body.php HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc")
+        .unwrap();
+    let r = read_responses(&mut s, 1);
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    for round in 0..3 {
+        std::thread::sleep(Duration::from_millis(600));
+        // A head cut in two across the wait.
+        let (a, b) = req.split_at(12);
+        s.write_all(a.as_bytes()).unwrap();
+        std::thread::sleep(Duration::from_millis(400));
+        s.write_all(b.as_bytes()).unwrap();
+        let r = read_responses(&mut s, 1);
+        assert_eq!(statuses(&r), ["HTTP/1.1 200 OK"], "round {round}: {r}");
+        std::thread::sleep(Duration::from_millis(600));
+        // Three pipelined requests in one write.
+        s.write_all(req.repeat(3).as_bytes()).unwrap();
+        let r = read_responses(&mut s, 3);
+        assert_eq!(statuses(&r).len(), 3, "round {round}: {r}");
+    }
+}
+
 #[test]
 fn silent_connection_is_closed_at_header_timeout() {
     let g = gate("limits: { header_timeout: 1s, idle_timeout: 30s }", "");
