@@ -17,7 +17,7 @@ ROOT=$(dirname "$HERE")
 PY=$(python3 -c 'import sys; print(sys.executable)')
 LT="$PY $HERE/lt.py"
 ALL_SCENARIOS="fast-h1 fast-h2 hello-h1 hello-h2 big-h1 post-h1 idle-h1 idle-tls saturation"
-ALL_PROXIES="nginx haproxy caddy fpmgate"
+ALL_PROXIES="nginx haproxy h2o caddy fpmgate"
 ARGS_TEXT="$*"
 
 usage() { sed -n '2,12p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
@@ -117,6 +117,7 @@ install_missing() {
     local pkgs=()
     have nginx || pkgs+=(nginx-light)
     have haproxy || pkgs+=(haproxy)
+    have h2o || pkgs+=(h2o)
     have caddy || pkgs+=(caddy)
     have wrk || pkgs+=(wrk)
     have h2load || pkgs+=(nghttp2-client)
@@ -213,6 +214,7 @@ trap 'exit 130' INT TERM
 install_missing
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 HAPROXY=$(command -v haproxy || echo /usr/sbin/haproxy)
+H2O=$(command -v h2o || echo /usr/sbin/h2o)
 CADDY=$(command -v caddy)
 FPM=$(php_fpm_bin)
 # LT_NO_BUILD=1 uses the binaries as they are (FPMGATE_BIN / RESPONDER_BIN may point elsewhere).
@@ -240,7 +242,7 @@ fi
 
 read -r H1 TLS ADMIN RP P1 P2 S1 S2 <<<"$($LT ports 8)"
 DOCROOT=$HERE/php
-mkdir -p "$RUN/tls" "$RUN/conf" "$RUN/logs" "$RUN/nginx" "$RUN/fpm" "$RUN/caddy" "$RUN/out"
+mkdir -p "$RUN/tls" "$RUN/conf" "$RUN/logs" "$RUN/nginx" "$RUN/h2o" "$RUN/fpm" "$RUN/caddy" "$RUN/out"
 log "run directory $RUN; ports: http $H1, https $TLS, responder $RP, fpm $P1 $P2, sat $S1 $S2"
 
 # Self-signed certificate (ECDSA P-256) for 127.0.0.1 / localhost.
@@ -251,22 +253,24 @@ cat "$RUN/tls/cert.pem" "$RUN/tls/key.pem" >"$RUN/tls/combined.pem"
 
 # Config templates → $RUN/conf.
 CPUMASK="1$(printf '%*s' "$PROXY_CPU" '' | tr ' ' 0)"
-USER_LINE=""
-[ "$(id -u)" = 0 ] && USER_LINE="user root root;"
+USER_LINE="" H2O_USER=""
+[ "$(id -u)" = 0 ] && USER_LINE="user root root;" && H2O_USER="user: root"
 render() { # template output
     sed -e "s|@H1@|$H1|g; s|@TLS@|$TLS|g; s|@ADMIN@|$ADMIN|g; s|@RP@|$RP|g" \
         -e "s|@P1@|$P1|g; s|@P2@|$P2|g; s|@S1@|$S1|g; s|@S2@|$S2|g" \
         -e "s|@RUN@|$RUN|g; s|@DOCROOT@|$DOCROOT|g; s|@PROXY_CPU@|$PROXY_CPU|g" \
         -e "s|@CERT@|$RUN/tls/cert.pem|g; s|@KEY@|$RUN/tls/key.pem|g; s|@PEM@|$RUN/tls/combined.pem|g" \
-        -e "s|@NGINX_CPUMASK@|$CPUMASK|g; s|@USER_LINE@|$USER_LINE|g" "$1" >"$2"
+        -e "s|@NGINX_CPUMASK@|$CPUMASK|g; s|@USER_LINE@|$USER_LINE|g; s|@H2O_USER@|$H2O_USER|g" "$1" >"$2"
 }
 render "$HERE/conf/nginx.conf.in" "$RUN/conf/nginx.conf"
 render "$HERE/conf/haproxy.cfg.in" "$RUN/conf/haproxy.cfg"
+render "$HERE/conf/h2o.conf.in" "$RUN/conf/h2o.conf"
 render "$HERE/conf/Caddyfile.in" "$RUN/conf/Caddyfile"
 render "$HERE/conf/fpmgate.yaml.in" "$RUN/conf/fpmgate.yaml"
 "$FPMGATE_BIN" check --config "$RUN/conf/fpmgate.yaml" >/dev/null || die "fpmgate check failed"
 "$NGINX" -t -q -p "$RUN/nginx" -c "$RUN/conf/nginx.conf" -e "$RUN/nginx/error.log" || die "nginx -t failed"
 "$HAPROXY" -c -q -f "$RUN/conf/haproxy.cfg" || die "haproxy -c failed"
+"$H2O" -t -c "$RUN/conf/h2o.conf" >/dev/null 2>&1 || die "h2o -t failed: $("$H2O" -t -c "$RUN/conf/h2o.conf" 2>&1 | tail -n 2)"
 
 # PHP-FPM: one master, pools a/b (64 workers each) for the PHP scenarios, s1/s2 (4 each) for
 # saturation. Generated as the test harness does (tests/support/fpm.rs): stock php.ini,
@@ -343,6 +347,7 @@ start_proxy() { # proxy logfile
     case "$1" in
         nginx) $PIN_PROXY "$NGINX" -p "$RUN/nginx" -c "$RUN/conf/nginx.conf" -e "$RUN/nginx/error.log" >"$logf" 2>&1 & ;;
         haproxy) $PIN_PROXY "$HAPROXY" -db -f "$RUN/conf/haproxy.cfg" >"$logf" 2>&1 & ;;
+        h2o) $PIN_PROXY "$H2O" -m worker -c "$RUN/conf/h2o.conf" >"$logf" 2>&1 & ;;
         caddy) HOME=$RUN/caddy XDG_DATA_HOME=$RUN/caddy XDG_CONFIG_HOME=$RUN/caddy GOMAXPROCS=1 \
             $PIN_PROXY "$CADDY" run --config "$RUN/conf/Caddyfile" --adapter caddyfile >"$logf" 2>&1 & ;;
         fpmgate) RUST_LOG=${LT_RUST_LOG:-warn} $PIN_PROXY "$FPMGATE_BIN" run --config "$RUN/conf/fpmgate.yaml" >"$logf" 2>&1 & ;;
@@ -503,6 +508,8 @@ LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
 for ((round = 1; round <= ROUNDS; round++)); do
     for sc in $SCENARIOS; do
         for px in $PROXIES; do
+            # h2o cannot balance FastCGI: half the workers of the others (see h2o.conf.in).
+            [ "$px" = h2o ] && [ "$sc" = saturation ] && continue
             run_one "$sc" "$px" "$round"
         done
     done
@@ -526,6 +533,7 @@ export META_NOTES="proxy pinned to CPU $PROXY_CPU, wrk/h2load/responder pinned t
 export META_V_FPMGATE="$(version_of "$FPMGATE_BIN" --version) ($(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$ROOT" diff --quiet HEAD -- src Cargo.toml 2>/dev/null || echo ', with uncommitted changes'))"
 export META_V_NGINX="$(version_of "$NGINX" -v)"
 export META_V_HAPROXY="$(version_of "$HAPROXY" -v)"
+export META_V_H2O="$(version_of "$H2O" --version)"
 export META_V_CADDY="caddy $(version_of "$CADDY" version)"
 export META_V_PHP="$(version_of "$FPM" -v)"
 export META_V_TOOLS="$(version_of wrk -v), $(version_of h2load --version)"
@@ -537,7 +545,7 @@ meta = {
     "date": e["META_DATE"],
     "machine": e["META_MACHINE"],
     "mode": e["META_MODE"],
-    "versions": [e[k] for k in ("META_V_FPMGATE", "META_V_NGINX", "META_V_HAPROXY", "META_V_CADDY", "META_V_PHP", "META_V_TOOLS")],
+    "versions": [e[k] for k in ("META_V_FPMGATE", "META_V_NGINX", "META_V_HAPROXY", "META_V_H2O", "META_V_CADDY", "META_V_PHP", "META_V_TOOLS")],
     "notes": e["META_NOTES"],
 }
 json.dump(meta, open(sys.argv[1], "w"), indent=1)
