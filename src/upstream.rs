@@ -149,7 +149,15 @@ pub async fn exchange(
                     Arc::clone(rid),
                     Box::new(admit),
                 );
-                let mut resp = Response::new(ProxyBody::Fcgi(body));
+                let body = if method == Method::HEAD {
+                    ProxyBody::Fcgi(body)
+                } else {
+                    match body.into_complete() {
+                        Ok(all) => ProxyBody::full(all),
+                        Err(body) => ProxyBody::Fcgi(body),
+                    }
+                };
+                let mut resp = Response::new(body);
                 *resp.status_mut() = code;
                 *resp.headers_mut() = head.headers;
                 if method == Method::HEAD {

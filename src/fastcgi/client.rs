@@ -260,6 +260,32 @@ pub fn log_stderr(content: &[u8], log: LogCtx<'_>) {
     }
 }
 
+/// When `buf` holds whole records of STDOUT (and STDERR) up to and including an
+/// END_REQUEST with status REQUEST_COMPLETE: the number of STDOUT bytes in them.
+fn buffered_stdout(mut buf: &[u8]) -> Option<usize> {
+    let mut total = 0usize;
+    loop {
+        let &[version, kind, _, _, len_hi, len_lo, padding, _] =
+            buf.first_chunk::<{ codec::HEADER_LEN }>()?;
+        if version != codec::VERSION_1 {
+            return None;
+        }
+        let len = usize::from(u16::from_be_bytes([len_hi, len_lo]));
+        let content = buf.get(codec::HEADER_LEN..codec::HEADER_LEN + len)?;
+        let rest = buf.get(codec::HEADER_LEN + len + usize::from(padding)..)?;
+        match RecordType::from_u8(kind) {
+            RecordType::Stdout => total += len,
+            RecordType::Stderr => {}
+            RecordType::EndRequest => {
+                let end = codec::parse_end_request(content).ok()?;
+                return (end.protocol_status == ProtocolStatus::RequestComplete).then_some(total);
+            }
+            _ => return None,
+        }
+        buf = rest;
+    }
+}
+
 /// The rest of FPM's STDOUT as an HTTP body. Owns the connection until END_REQUEST; on a
 /// clean end the connection goes back to the idle list, on anything else it is closed.
 pub struct FcgiBody {
@@ -294,6 +320,52 @@ impl FcgiBody {
             request_id,
             _guards: guards,
         }
+    }
+
+    /// The whole body, when the rest of the response (STDOUT to its end, then a clean
+    /// END_REQUEST) is already in the connection's buffer, as it is for most small
+    /// responses: the client then gets a `Content-Length` instead of chunks, and the FPM
+    /// connection and the pool place go back at once instead of after the client has read
+    /// the body. Otherwise the body as it was, to be streamed.
+    pub fn into_complete(mut self) -> Result<Bytes, FcgiBody> {
+        let Some(total) = self.conn.as_ref().and_then(|c| buffered_stdout(&c.buf)) else {
+            return Err(self);
+        };
+        let first = self.pending.take().unwrap_or_default();
+        let mut conn = self.conn.take().expect("checked above");
+        let mut body = (total > 0).then(|| {
+            let mut b = BytesMut::with_capacity(first.len() + total);
+            b.extend_from_slice(&first);
+            b
+        });
+        loop {
+            // buffered_stdout checked that every record through END_REQUEST is here.
+            let Ok(Some(rec)) = codec::decode_record(&mut conn.buf) else {
+                unreachable!("records checked by buffered_stdout");
+            };
+            match rec.kind {
+                RecordType::Stdout => {
+                    if let Some(b) = body.as_mut() {
+                        b.extend_from_slice(&rec.content);
+                    }
+                }
+                RecordType::Stderr => log_stderr(
+                    &rec.content,
+                    LogCtx {
+                        request_id: &self.request_id,
+                        endpoint: &conn.endpoint().label,
+                    },
+                ),
+                _ => {
+                    // END_REQUEST (buffered_stdout stops at it, with a clean status).
+                    if self.reusable {
+                        conn.release();
+                    }
+                    break;
+                }
+            }
+        }
+        Ok(body.map_or(first, BytesMut::freeze))
     }
 
     fn fail(&mut self, msg: impl Into<String>) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
@@ -400,3 +472,33 @@ impl http_body::Body for FcgiBody {
 }
 
 use std::future::Future;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffered_stdout_needs_every_record_through_a_clean_end() {
+        let mut b = BytesMut::new();
+        codec::put_record(&mut b, RecordType::Stdout, 1, b"hello");
+        codec::put_record(&mut b, RecordType::Stderr, 1, b"notice");
+        codec::put_record(&mut b, RecordType::Stdout, 1, b" world");
+        codec::put_record(&mut b, RecordType::Stdout, 1, b"");
+        let body_only = b.len();
+        codec::put_end_request(&mut b, 1, 0, ProtocolStatus::RequestComplete);
+        assert_eq!(buffered_stdout(&b), Some(11));
+        // Any cut short of the end: not complete.
+        for cut in [0, 3, 8, 12, body_only, b.len() - 1] {
+            assert_eq!(buffered_stdout(&b[..cut]), None, "cut at {cut}");
+        }
+        // END_REQUEST with another status, or a record of another kind: stream instead.
+        let mut o = BytesMut::new();
+        codec::put_record(&mut o, RecordType::Stdout, 1, b"x");
+        codec::put_end_request(&mut o, 1, 0, ProtocolStatus::Overloaded);
+        assert_eq!(buffered_stdout(&o), None);
+        let mut u = BytesMut::new();
+        codec::put_record(&mut u, RecordType::Data, 1, b"x");
+        codec::put_end_request(&mut u, 1, 0, ProtocolStatus::RequestComplete);
+        assert_eq!(buffered_stdout(&u), None);
+    }
+}
