@@ -141,7 +141,7 @@ pub async fn exchange(
                 }
                 // Passive health: a complete response head ends a run of failures.
                 pool.passive_success(&ep);
-                let body = FcgiBody::new(
+                let mut body = FcgiBody::new(
                     conn,
                     rest,
                     reusable,
@@ -149,13 +149,18 @@ pub async fn exchange(
                     Arc::clone(rid),
                     Box::new(admit),
                 );
-                let body = if method == Method::HEAD {
-                    ProxyBody::Fcgi(body)
+                let whole = if method == Method::HEAD {
+                    None
                 } else {
-                    match body.into_complete() {
-                        Ok(all) => ProxyBody::full(all),
-                        Err(body) => ProxyBody::Fcgi(body),
+                    body.take_complete()
+                };
+                let body = match whole {
+                    Some(all) => {
+                        // Spent: dropping it frees the pool place now.
+                        drop(body);
+                        ProxyBody::full(all)
                     }
+                    None => ProxyBody::Fcgi(body),
                 };
                 let mut resp = Response::new(body);
                 *resp.status_mut() = code;

@@ -325,12 +325,10 @@ impl FcgiBody {
     /// The whole body, when the rest of the response (STDOUT to its end, then a clean
     /// END_REQUEST) is already in the connection's buffer, as it is for most small
     /// responses: the client then gets a `Content-Length` instead of chunks, and the FPM
-    /// connection and the pool place go back at once instead of after the client has read
-    /// the body. Otherwise the body as it was, to be streamed.
-    pub fn into_complete(mut self) -> Result<Bytes, FcgiBody> {
-        let Some(total) = self.conn.as_ref().and_then(|c| buffered_stdout(&c.buf)) else {
-            return Err(self);
-        };
+    /// connection goes back at once instead of after the client has read the body (drop
+    /// the spent body to free the pool place). `None`: nothing taken, stream the body.
+    pub fn take_complete(&mut self) -> Option<Bytes> {
+        let total = self.conn.as_ref().and_then(|c| buffered_stdout(&c.buf))?;
         let first = self.pending.take().unwrap_or_default();
         let mut conn = self.conn.take().expect("checked above");
         let mut body = (total > 0).then(|| {
@@ -365,7 +363,7 @@ impl FcgiBody {
                 }
             }
         }
-        Ok(body.map_or(first, BytesMut::freeze))
+        Some(body.map_or(first, BytesMut::freeze))
     }
 
     fn fail(&mut self, msg: impl Into<String>) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
