@@ -327,7 +327,7 @@ pub fn write_params(
         content_type.map_or(&b""[..], |v| v.as_bytes()),
     );
     match req.content_length {
-        Some(n) => sink.param(b"CONTENT_LENGTH", display(&mut num, n)),
+        Some(n) => sink.param(b"CONTENT_LENGTH", decimal(&mut num, n)),
         None => sink.param(b"CONTENT_LENGTH", b""),
     }
     sink.param(b"SCRIPT_NAME", script_name.as_bytes());
@@ -347,14 +347,14 @@ pub fn write_params(
     // ::ffff:1.2.3.4, as PHP apps (and nginx's default v6only listeners) expect.
     sink.param(
         b"REMOTE_ADDR",
-        display(&mut num, req.remote.ip().to_canonical()),
+        ip_text(&mut num, req.remote.ip().to_canonical()),
     );
-    sink.param(b"REMOTE_PORT", display(&mut num, req.remote.port()));
+    sink.param(b"REMOTE_PORT", decimal(&mut num, req.remote.port().into()));
     sink.param(
         b"SERVER_ADDR",
-        display(&mut num, req.local.ip().to_canonical()),
+        ip_text(&mut num, req.local.ip().to_canonical()),
     );
-    sink.param(b"SERVER_PORT", display(&mut num, req.local.port()));
+    sink.param(b"SERVER_PORT", decimal(&mut num, req.local.port().into()));
     write_server_name(req.host, vhost.first_host, sink);
     sink.param(b"REDIRECT_STATUS", b"200");
 
@@ -461,6 +461,40 @@ fn write_headers(headers: &http::HeaderMap, sink: &mut dyn ParamSink) {
 
 /// Formats a number or address into `buf` without allocating. 48 bytes hold
 /// any u64 and any IPv6 address (45 characters at most).
+/// `n` in decimal, without the formatting machinery (four of these per request).
+fn decimal(buf: &mut [u8; 48], mut n: u64) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return &buf[i..];
+        }
+    }
+}
+
+/// An address as `Display` writes it; IPv4 (the common case) by hand.
+fn ip_text(buf: &mut [u8; 48], ip: std::net::IpAddr) -> &[u8] {
+    let std::net::IpAddr::V4(v4) = ip else {
+        return display(buf, ip);
+    };
+    let mut out = [0u8; 15];
+    let mut len = 0;
+    for (k, octet) in v4.octets().into_iter().enumerate() {
+        if k > 0 {
+            out[len] = b'.';
+            len += 1;
+        }
+        let mut digits = [0u8; 48];
+        let d = decimal(&mut digits, octet.into());
+        out[len..len + d.len()].copy_from_slice(d);
+        len += d.len();
+    }
+    buf[..len].copy_from_slice(&out[..len]);
+    &buf[..len]
+}
+
 fn display(buf: &mut [u8; 48], value: impl Display) -> &[u8] {
     let mut cursor = &mut buf[..];
     // A too-long value could only be truncated, never panic; none is.

@@ -546,3 +546,22 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn numbers_and_addresses_match_display() {
+    let mut b = [0u8; 48];
+    for n in [0u64, 7, 10, 65535, 1 << 40, u64::MAX] {
+        assert_eq!(decimal(&mut b, n), n.to_string().as_bytes());
+    }
+    for ip in [
+        "0.0.0.0",
+        "255.255.255.255",
+        "10.2.30.4",
+        "127.0.0.1",
+        "::1",
+        "2001:db8::8:800:200c:417a",
+    ] {
+        let ip: std::net::IpAddr = ip.parse().unwrap();
+        assert_eq!(ip_text(&mut b, ip), ip.to_string().as_bytes());
+    }
+}

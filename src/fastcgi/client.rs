@@ -83,7 +83,24 @@ pub async fn send(
     log: LogCtx<'_>,
 ) -> Result<(CgiHead, Bytes, bool), Failure> {
     if out.file.is_none() && out.wire.len() <= SEQUENTIAL_WRITE_MAX {
-        match tokio::time::timeout(send_timeout, conn.stream.write_all(out.wire)).await {
+        // Nearly always the socket takes the whole request at once: try that before arming
+        // the send timer.
+        let first = std::future::poll_fn(|cx| {
+            Poll::Ready(match Pin::new(&mut conn.stream).poll_write(cx, out.wire) {
+                Poll::Ready(r) => r,
+                Poll::Pending => Ok(0),
+            })
+        })
+        .await;
+        let sent = match first {
+            Ok(n) => n,
+            Err(e) => return Err(closed(e, false)),
+        };
+        if sent == out.wire.len() {
+            return read_head(conn, read_timeout, max_header, log).await;
+        }
+        let rest = &out.wire[sent..];
+        match tokio::time::timeout(send_timeout, conn.stream.write_all(rest)).await {
             Err(_) => {
                 return Err(Failure {
                     error: ProxyError::SendTimeout,
