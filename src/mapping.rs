@@ -129,17 +129,19 @@ pub fn split_script(path: &str) -> Option<(&str, &str)> {
     if bytes.iter().any(|&b| matches!(b, 0 | b'\r' | b'\n')) {
         return None;
     }
-    let mut from = 0;
-    while let Some(rel) = path.get(from..).and_then(|rest| rest.find(".php")) {
-        let start = from + rel;
+    // Every '.', then a look at what follows: cheaper than a substring searcher for a
+    // four-byte needle in a short path.
+    for (start, _) in bytes.iter().enumerate().filter(|(_, &b)| b == b'.') {
         let end = start + ".php".len();
+        if bytes.get(start..end) != Some(&b".php"[..]) {
+            continue;
+        }
         let named = start > 0 && bytes.get(start - 1) != Some(&b'/');
         let ends_segment = matches!(bytes.get(end), None | Some(b'/'));
         if named && ends_segment {
+            // `end` follows the ASCII "php", so it is a char boundary.
             return Some(path.split_at(end));
         }
-        // `start` is the ASCII '.', so `start + 1` is a char boundary.
-        from = start + 1;
     }
     None
 }
@@ -212,7 +214,9 @@ pub fn resolve(
     let Some(index) = index.map(|i| i.trim_start_matches('/')) else {
         return Resolved::NotFound;
     };
-    let script = format!("/{index}");
+    let mut script = String::with_capacity(index.len() + 1);
+    script.push('/');
+    script.push_str(index);
     // Only a name that is itself a whole `.php` script may be the front
     // controller: SCRIPT_FILENAME must never end in anything but `.php`, nor
     // climb out of the root through a `..` in the configured name.
@@ -479,19 +483,25 @@ fn ip_text(buf: &mut [u8; 48], ip: std::net::IpAddr) -> &[u8] {
     let std::net::IpAddr::V4(v4) = ip else {
         return display(buf, ip);
     };
-    let mut out = [0u8; 15];
     let mut len = 0;
     for (k, octet) in v4.octets().into_iter().enumerate() {
         if k > 0 {
-            out[len] = b'.';
+            buf[len] = b'.';
             len += 1;
         }
-        let mut digits = [0u8; 48];
-        let d = decimal(&mut digits, octet.into());
-        out[len..len + d.len()].copy_from_slice(d);
-        len += d.len();
+        // At most 3 digits and a dot per octet: 15 bytes in all, well inside `buf`.
+        let (hundreds, tens, ones) = (octet / 100, octet / 10 % 10, octet % 10);
+        if hundreds > 0 {
+            buf[len] = b'0' + hundreds;
+            len += 1;
+        }
+        if hundreds > 0 || tens > 0 {
+            buf[len] = b'0' + tens;
+            len += 1;
+        }
+        buf[len] = b'0' + ones;
+        len += 1;
     }
-    buf[..len].copy_from_slice(&out[..len]);
     &buf[..len]
 }
 

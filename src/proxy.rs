@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http::{header, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
 use tokio::time::Instant;
 
 use crate::access::{AccessRecord, Completion};
@@ -29,7 +29,7 @@ const SERVER_SOFTWARE: &str = concat!("fpmgate/", env!("CARGO_PKG_VERSION"));
 
 /// The request id header: kept from a trusted proxy, else made here; PHP sees it as
 /// `HTTP_X_REQUEST_ID` and the client gets it back.
-const REQUEST_ID: &str = "x-request-id";
+const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// What the listener knows about the client connection.
 #[derive(Debug, Clone)]
@@ -360,7 +360,7 @@ fn parse_hop(s: &str) -> Option<IpAddr> {
 /// way it is set on the request so PHP sees it.
 fn request_id<B>(req: &mut Request<B>, trusted: bool, n: u64) -> Arc<str> {
     if trusted {
-        if let Some(v) = req.headers().get(REQUEST_ID).and_then(|v| v.to_str().ok()) {
+        if let Some(v) = req.headers().get(&REQUEST_ID).and_then(|v| v.to_str().ok()) {
             if !v.is_empty()
                 && v.len() <= 128
                 && v.bytes()

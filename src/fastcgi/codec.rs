@@ -374,9 +374,19 @@ impl<'a> ParamsWriter<'a> {
     pub fn add(&mut self, name: &[u8], value: &[u8]) {
         let name = name.get(..MAX_PAIR_LEN).unwrap_or(name);
         let value = value.get(..MAX_PAIR_LEN).unwrap_or(value);
+        let (lens, n) = pair_lengths(name.len(), value.len());
+        let lens = lens.get(..n).unwrap_or_default();
+        let pair = n + name.len() + value.len();
+        if self.fits(pair) {
+            // The common case: the pair fits the open record, three copies.
+            self.buf.reserve(pair);
+            self.buf.extend_from_slice(lens);
+            self.buf.extend_from_slice(name);
+            self.buf.extend_from_slice(value);
+            return;
+        }
         self.reserve_pair(name.len(), value.len());
-        self.put_len(name.len());
-        self.put_len(value.len());
+        self.put(lens, false);
         self.put(name, false);
         self.put(value, false);
     }
@@ -391,9 +401,23 @@ impl<'a> ParamsWriter<'a> {
             .unwrap_or(header_name);
         let value = value.get(..MAX_PAIR_LEN).unwrap_or(value);
         let name_len = PREFIX.len() + header_name.len();
+        let (lens, n) = pair_lengths(name_len, value.len());
+        let lens = lens.get(..n).unwrap_or_default();
+        let pair = n + name_len + value.len();
+        if self.fits(pair) {
+            self.buf.reserve(pair);
+            self.buf.extend_from_slice(lens);
+            self.buf.extend_from_slice(PREFIX);
+            let from = self.buf.len();
+            self.buf.extend_from_slice(header_name);
+            if let Some(written) = self.buf.get_mut(from..) {
+                cgi_name(written);
+            }
+            self.buf.extend_from_slice(value);
+            return;
+        }
         self.reserve_pair(name_len, value.len());
-        self.put_len(name_len);
-        self.put_len(value.len());
+        self.put(lens, false);
         self.put(PREFIX, false);
         self.put(header_name, true);
         self.put(value, false);
@@ -433,17 +457,9 @@ impl<'a> ParamsWriter<'a> {
         self.buf.reserve(pair + extra_records * HEADER_LEN);
     }
 
-    fn put_len(&mut self, len: usize) {
-        if let Ok(short) = u8::try_from(len) {
-            if short < 0x80 {
-                self.put(&[short], false);
-                return;
-            }
-        }
-        // Callers clamp to MAX_PAIR_LEN, so the high bit is free for the
-        // long-form marker.
-        let long = u32::try_from(len).unwrap_or(MAX_PAIR_LEN as u32) | 0x8000_0000;
-        self.put(&long.to_be_bytes(), false);
+    /// Whether `n` more bytes fit the open record.
+    fn fits(&self, n: usize) -> bool {
+        self.open_len() + n <= MAX_CONTENT_LEN
     }
 
     /// Appends `data` to the stream, rolling to a new record whenever the
@@ -468,16 +484,42 @@ impl<'a> ParamsWriter<'a> {
             self.buf.extend_from_slice(now);
             if header_name {
                 if let Some(written) = self.buf.get_mut(from..) {
-                    for b in written {
-                        *b = match *b {
-                            b'-' => b'_',
-                            other => other.to_ascii_uppercase(),
-                        };
-                    }
+                    cgi_name(written);
                 }
             }
             data = later;
         }
+    }
+}
+
+/// A pair's two length prefixes: one byte each below 128, else four with the high bit
+/// set. Callers clamp lengths to MAX_PAIR_LEN, so the high bit is free for the marker.
+fn pair_lengths(name_len: usize, value_len: usize) -> ([u8; 8], usize) {
+    let mut out = [0u8; 8];
+    let mut n = 0;
+    for len in [name_len, value_len] {
+        match u8::try_from(len) {
+            Ok(short) if short < 0x80 => {
+                out[n] = short;
+                n += 1;
+            }
+            _ => {
+                let long = u32::try_from(len).unwrap_or(MAX_PAIR_LEN as u32) | 0x8000_0000;
+                out[n..n + 4].copy_from_slice(&long.to_be_bytes());
+                n += 4;
+            }
+        }
+    }
+    (out, n)
+}
+
+/// A header name as CGI spells it, in place: upper case, `-` as `_`.
+fn cgi_name(name: &mut [u8]) {
+    for b in name {
+        *b = match *b {
+            b'-' => b'_',
+            other => other.to_ascii_uppercase(),
+        };
     }
 }
 
