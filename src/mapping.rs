@@ -49,7 +49,7 @@ pub fn normalize_path(raw_path: &str) -> Result<String, MapError> {
     if !raw_path.starts_with('/') {
         return Err(MapError::NotOriginForm);
     }
-    let decoded: Cow<'_, [u8]> = if raw_path.contains('%') {
+    let decoded: Cow<'_, [u8]> = if raw_path.as_bytes().contains(&b'%') {
         Cow::Owned(percent_decode(raw_path.as_bytes())?)
     } else {
         Cow::Borrowed(raw_path.as_bytes())
@@ -318,7 +318,7 @@ pub fn write_params(
     req: &RequestFacts<'_>,
     vhost: &VhostFacts<'_>,
     script: (&str, &str, &str),
-    sink: &mut dyn ParamSink,
+    sink: &mut impl ParamSink,
 ) {
     let (script_name, path_info, document_uri) = script;
     let mut num = [0u8; 48];
@@ -388,12 +388,12 @@ pub fn write_params(
 
 /// The vhost's first name, or for a wildcard / default vhost the request's
 /// host like nginx's `$host`: port and one trailing dot removed, lowercased.
-fn write_server_name(host: &str, first_host: &str, sink: &mut dyn ParamSink) {
+fn write_server_name(host: &str, first_host: &str, sink: &mut impl ParamSink) {
     if first_host != "*" && !first_host.starts_with("*.") {
         sink.param(b"SERVER_NAME", first_host.as_bytes());
         return;
     }
-    let name = strip_port(host);
+    let name = crate::router::host_without_port(host);
     let name = name.strip_suffix('.').unwrap_or(name);
     if name.bytes().any(|b| b.is_ascii_uppercase()) {
         sink.param(b"SERVER_NAME", name.to_ascii_lowercase().as_bytes());
@@ -402,22 +402,7 @@ fn write_server_name(host: &str, first_host: &str, sink: &mut dyn ParamSink) {
     }
 }
 
-/// Same rule as the router's `host_without_port`, repeated here because this
-/// module imports nothing else from the crate.
-fn strip_port(host: &str) -> &str {
-    if host.starts_with('[') {
-        return match host.find(']') {
-            Some(end) => &host[..=end],
-            None => host,
-        };
-    }
-    match host.find(':') {
-        Some(colon) if host[colon + 1..].find(':').is_none() => &host[..colon],
-        _ => host,
-    }
-}
-
-fn write_headers(headers: &http::HeaderMap, sink: &mut dyn ParamSink) {
+fn write_headers(headers: &http::HeaderMap, sink: &mut impl ParamSink) {
     let connection = headers.get_all(http::header::CONNECTION);
     for name in headers.keys() {
         let n = name.as_str();

@@ -160,14 +160,22 @@ impl Router {
 /// with several colons (not a valid Host, but possible on the wire) is
 /// returned unchanged rather than cut at a guess.
 pub fn host_without_port(host: &str) -> &str {
-    if host.starts_with('[') {
-        return match host.find(']') {
+    // Byte scans: every delimiter is ASCII, so each cut is on a char boundary.
+    let bytes = host.as_bytes();
+    if bytes.first() == Some(&b'[') {
+        return match bytes.iter().position(|&b| b == b']') {
             Some(end) => &host[..=end],
             None => host,
         };
     }
-    match host.find(':') {
-        Some(colon) if host[colon + 1..].find(':').is_none() => &host[..colon],
+    let mut colons = bytes
+        .iter()
+        .enumerate()
+        .filter(|(_, &b)| b == b':')
+        .map(|(i, _)| i);
+    match (colons.next(), colons.next()) {
+        // One colon: name:port. None: no port. More: a bare IPv6 address, kept whole.
+        (Some(colon), None) => &host[..colon],
         _ => host,
     }
 }

@@ -33,9 +33,11 @@ pub struct Upstream {
 }
 
 impl ParamSink for ParamsWriter<'_> {
+    #[inline]
     fn param(&mut self, name: &[u8], value: &[u8]) {
         self.add(name, value);
     }
+    #[inline]
     fn header(&mut self, name: &[u8], value: &[u8]) {
         self.add_header(name, value);
     }

@@ -371,6 +371,7 @@ impl<'a> ParamsWriter<'a> {
     /// Adds one pair. Names or values longer than 2^31-1 bytes (which no
     /// HTTP front end lets through) are truncated to what the 4-byte length
     /// form can express.
+    #[inline]
     pub fn add(&mut self, name: &[u8], value: &[u8]) {
         let name = name.get(..MAX_PAIR_LEN).unwrap_or(name);
         let value = value.get(..MAX_PAIR_LEN).unwrap_or(value);
@@ -394,6 +395,7 @@ impl<'a> ParamsWriter<'a> {
     /// Adds `HTTP_` + the header name upper-cased with `-` turned into `_`
     /// (the caller has already filtered names; this only transforms), with
     /// no temporary allocation.
+    #[inline]
     pub fn add_header(&mut self, header_name: &[u8], value: &[u8]) {
         const PREFIX: &[u8] = b"HTTP_";
         let header_name = header_name
@@ -458,6 +460,7 @@ impl<'a> ParamsWriter<'a> {
     }
 
     /// Whether `n` more bytes fit the open record.
+    #[inline]
     fn fits(&self, n: usize) -> bool {
         self.open_len() + n <= MAX_CONTENT_LEN
     }
@@ -494,6 +497,7 @@ impl<'a> ParamsWriter<'a> {
 
 /// A pair's two length prefixes: one byte each below 128, else four with the high bit
 /// set. Callers clamp lengths to MAX_PAIR_LEN, so the high bit is free for the marker.
+#[inline]
 fn pair_lengths(name_len: usize, value_len: usize) -> ([u8; 8], usize) {
     let mut out = [0u8; 8];
     let mut n = 0;
