@@ -151,6 +151,12 @@ pub async fn exchange(
                     Arc::clone(rid),
                     Box::new(admit),
                 );
+                body.set_declared_length(
+                    head.headers
+                        .get(http::header::CONTENT_LENGTH)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.parse().ok()),
+                );
                 let whole = if method == Method::HEAD {
                     None
                 } else {

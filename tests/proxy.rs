@@ -386,6 +386,72 @@ async fn ten_mib_response_is_intact() {
 }
 
 #[tokio::test]
+async fn streamed_responses_with_content_length_keep_the_connection() {
+    // hyper drops a body once the declared Content-Length has been sent, before FPM's
+    // END_REQUEST is read: the connection must still go back to the pool, also when the
+    // script runs on after its last byte (END_REQUEST comes later).
+    let fpm = Fpm::start(FpmOptions {
+        workers: 1,
+        ..FpmOptions::default()
+    });
+    let g = Gate::start(&format!(
+        r#"
+listen: [ {{ bind: "127.0.0.1:0" }} ]
+admin: {{ bind: "127.0.0.1:0" }}
+pools:
+  main:
+    endpoints: [ {{ addr: "{}", max_conns: 1 }} ]
+    keepalive: {{ max_idle: 1, idle_timeout: 30s }}
+vhosts:
+  - hosts: ["*"]
+    root: {}
+    pool: main
+"#,
+        fpm.endpoint(),
+        php_root().display()
+    ));
+    let c = client();
+    let n = 300_000;
+    for i in 0..10 {
+        let resp = c
+            .get(g.url(&format!("/big.php?bytes={n}&length=1")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "request {i}");
+        assert_eq!(resp.content_length(), Some(n as u64));
+        let body = resp.bytes().await.unwrap();
+        assert_eq!(md5_hex(&body), md5_hex(&pattern(n)), "request {i}");
+    }
+    let started = Instant::now();
+    for i in 0..3 {
+        let resp = c
+            .get(g.url("/big.php?bytes=5000&length=1&after_ms=700"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "late end {i}");
+        assert_eq!(resp.bytes().await.unwrap(), pattern(5000), "late end {i}");
+    }
+    // One worker, one connection: each request waited for the previous script's end.
+    assert!(started.elapsed() >= Duration::from_millis(1400));
+    let resp = c.get(g.url("/pid.php")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let metrics = c
+        .get(g.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let connects = metric_value(&metrics, "fpmgate_upstream_connects_total{");
+    let reuses = metric_value(&metrics, "fpmgate_upstream_connection_reuses_total{");
+    assert_eq!(connects, 1.0, "FastCGI connections opened for 14 requests");
+    assert_eq!(reuses, 13.0);
+}
+
+#[tokio::test]
 async fn fifty_mib_upload_is_intact() {
     let g = shared_gate();
     let data: Vec<u8> = (0..50 * 1024 * 1024u32)
