@@ -394,22 +394,7 @@ async fn streamed_responses_with_content_length_keep_the_connection() {
         workers: 1,
         ..FpmOptions::default()
     });
-    let g = Gate::start(&format!(
-        r#"
-listen: [ {{ bind: "127.0.0.1:0" }} ]
-admin: {{ bind: "127.0.0.1:0" }}
-pools:
-  main:
-    endpoints: [ {{ addr: "{}", max_conns: 1 }} ]
-    keepalive: {{ max_idle: 1, idle_timeout: 30s }}
-vhosts:
-  - hosts: ["*"]
-    root: {}
-    pool: main
-"#,
-        fpm.endpoint(),
-        php_root().display()
-    ));
+    let g = kept_gate(&fpm, 1);
     let c = client();
     let n = 300_000;
     for i in 0..10 {
@@ -437,14 +422,7 @@ vhosts:
     assert!(started.elapsed() >= Duration::from_millis(1400));
     let resp = c.get(g.url("/pid.php")).send().await.unwrap();
     assert_eq!(resp.status(), 200);
-    let metrics = c
-        .get(g.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&c, &g).await;
     let connects = metric_value(&metrics, "fpmgate_upstream_connects_total{");
     let reuses = metric_value(&metrics, "fpmgate_upstream_connection_reuses_total{");
     assert_eq!(connects, 1.0, "FastCGI connections opened for 14 requests");
@@ -497,19 +475,15 @@ async fn flushed_output_streams_incrementally() {
     );
 }
 
-#[tokio::test]
-async fn kept_connections_are_reused() {
-    let fpm = Fpm::start(FpmOptions {
-        workers: 2,
-        ..FpmOptions::default()
-    });
-    let g = Gate::start(&format!(
+/// One pool of one FPM endpoint, `max_conns` as given, one kept connection at most.
+fn kept_gate(fpm: &Fpm, max_conns: u32) -> Gate {
+    Gate::start(&format!(
         r#"
 listen: [ {{ bind: "127.0.0.1:0" }} ]
 admin: {{ bind: "127.0.0.1:0" }}
 pools:
   main:
-    endpoints: [ {{ addr: "{}", max_conns: 2 }} ]
+    endpoints: [ {{ addr: "{}", max_conns: {max_conns} }} ]
     keepalive: {{ max_idle: 1, idle_timeout: 30s }}
 vhosts:
   - hosts: ["*"]
@@ -518,7 +492,26 @@ vhosts:
 "#,
         fpm.endpoint(),
         php_root().display()
-    ));
+    ))
+}
+
+async fn metrics_text(c: &reqwest::Client, g: &Gate) -> String {
+    c.get(g.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn kept_connections_are_reused() {
+    let fpm = Fpm::start(FpmOptions {
+        workers: 2,
+        ..FpmOptions::default()
+    });
+    let g = kept_gate(&fpm, 2);
     let c = client();
     let mut pids = std::collections::BTreeSet::new();
     for i in 0..2000 {
@@ -528,14 +521,7 @@ vhosts:
     }
     // One FastCGI connection is one FPM worker: reuse means one pid served everything.
     assert_eq!(pids.len(), 1, "{pids:?}");
-    let metrics = c
-        .get(g.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&c, &g).await;
     let connects = metric_value(&metrics, "fpmgate_upstream_connects_total{");
     let reuses = metric_value(&metrics, "fpmgate_upstream_connection_reuses_total{");
     assert!(

@@ -1,0 +1,109 @@
+//! The end of a response body whose declared length has been sent: hyper drops the body
+//! then, before FPM's END_REQUEST has been read. Reading on to it keeps the connection.
+
+use std::time::Duration;
+
+use tokio::io::AsyncReadExt;
+use tokio::time::Instant;
+
+use super::{log_stderr, FcgiBody, LogCtx};
+use crate::fastcgi::codec::{self, ProtocolStatus, RecordType};
+use crate::pool::Conn;
+
+impl Drop for FcgiBody {
+    fn drop(&mut self) {
+        let Some(mut conn) = self.conn.take() else {
+            return;
+        };
+        // Only a body the client got whole, as declared, is worth finishing: after a client
+        // abort the rest of the script's output is not (the connection closes, as before).
+        let whole = self.pending.is_none() && self.declared == Some(self.delivered);
+        if !self.reusable || !whole {
+            return;
+        }
+        match finish_buffered(&mut conn, &self.request_id) {
+            Finish::Clean => conn.release(),
+            Finish::Broken => {}
+            Finish::More => {
+                // END_REQUEST is still on its way (FPM sends it when the script ends): read
+                // on in a task of its own, holding the pool place, since the worker is busy
+                // until then.
+                let Ok(rt) = tokio::runtime::Handle::try_current() else {
+                    return;
+                };
+                let guards = std::mem::replace(&mut self.guards, Box::new(()));
+                rt.spawn(finish_after_body(
+                    conn,
+                    self.read_timeout,
+                    std::sync::Arc::clone(&self.request_id),
+                    guards,
+                ));
+            }
+        }
+    }
+}
+
+/// What the records after a fully delivered body say.
+enum Finish {
+    /// A clean END_REQUEST (with only empty STDOUT or STDERR before it).
+    Clean,
+    /// More output than declared, another record, a bad record or an unclean end: close.
+    Broken,
+    /// Nothing conclusive buffered yet.
+    More,
+}
+
+fn finish_buffered(conn: &mut Conn, request_id: &str) -> Finish {
+    loop {
+        match codec::decode_record(&mut conn.buf) {
+            Ok(Some(rec)) => match rec.kind {
+                RecordType::Stdout if rec.content.is_empty() => {}
+                RecordType::Stderr => log_stderr(
+                    &rec.content,
+                    LogCtx {
+                        request_id,
+                        endpoint: &conn.endpoint().label,
+                    },
+                ),
+                RecordType::EndRequest => {
+                    let clean = codec::parse_end_request(&rec.content)
+                        .is_ok_and(|e| e.protocol_status == ProtocolStatus::RequestComplete);
+                    return if clean { Finish::Clean } else { Finish::Broken };
+                }
+                _ => return Finish::Broken,
+            },
+            Ok(None) => return Finish::More,
+            Err(_) => return Finish::Broken,
+        }
+    }
+}
+
+/// Reads a connection on to END_REQUEST, within the read timeout, then keeps it; `guards`
+/// (the pool place) go when it is done either way.
+async fn finish_after_body(
+    mut conn: Conn,
+    read_timeout: Duration,
+    request_id: std::sync::Arc<str>,
+    guards: Box<dyn Send + Sync>,
+) {
+    let deadline = Instant::now() + read_timeout;
+    loop {
+        match finish_buffered(&mut conn, &request_id) {
+            Finish::Clean => {
+                conn.release();
+                break;
+            }
+            Finish::Broken => break,
+            Finish::More => {}
+        }
+        if conn.buf.capacity() - conn.buf.len() < 1024 {
+            conn.buf.reserve(4096);
+        }
+        match tokio::time::timeout_at(deadline, conn.stream.read_buf(&mut conn.buf)).await {
+            Ok(Ok(n)) if n > 0 => {}
+            // FPM closed, failed, or the script ran on past the read timeout: close.
+            _ => break,
+        }
+    }
+    drop(guards);
+}
