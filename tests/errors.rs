@@ -30,19 +30,8 @@ vhosts:
     ))
 }
 
-async fn metrics(g: &Gate) -> String {
-    client()
-        .get(g.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
 async fn gateway_errors(g: &Gate, code: u16, cause: &str) -> u64 {
-    let m = metrics(g).await;
+    let m = g.metrics().await;
     let needle = format!("code=\"{code}\"");
     let cause = format!("cause=\"{cause}\"");
     m.lines()

@@ -275,14 +275,7 @@ async fn upload_disguised_as_script_never_runs() {
         .unwrap();
     assert_eq!(resp.status(), 404);
     assert!(!resp.text().await.unwrap().contains("EVIL EXECUTED"));
-    let m = client()
-        .get(g.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = g.metrics().await;
     assert!(
         !m.contains("fpmgate_upstream_requests_total{"),
         "FPM must not have been asked"

@@ -107,14 +107,7 @@ vhosts:
         BTreeMap::from([(200, 6), (404, 3), (502, 4), (503, 2), (504, 7)])
     );
 
-    let text = c
-        .get(g.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = g.metrics().await;
     let m = scrape_map(&text);
     let v = |code: &str, pool: &str| {
         value(

@@ -422,7 +422,7 @@ async fn streamed_responses_with_content_length_keep_the_connection() {
     assert!(started.elapsed() >= Duration::from_millis(1400));
     let resp = c.get(g.url("/pid.php")).send().await.unwrap();
     assert_eq!(resp.status(), 200);
-    let metrics = metrics_text(&c, &g).await;
+    let metrics = g.metrics().await;
     let connects = metric_value(&metrics, "fpmgate_upstream_connects_total{");
     let reuses = metric_value(&metrics, "fpmgate_upstream_connection_reuses_total{");
     assert_eq!(connects, 1.0, "FastCGI connections opened for 14 requests");
@@ -495,16 +495,6 @@ vhosts:
     ))
 }
 
-async fn metrics_text(c: &reqwest::Client, g: &Gate) -> String {
-    c.get(g.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
 #[tokio::test]
 async fn kept_connections_are_reused() {
     let fpm = Fpm::start(FpmOptions {
@@ -521,7 +511,7 @@ async fn kept_connections_are_reused() {
     }
     // One FastCGI connection is one FPM worker: reuse means one pid served everything.
     assert_eq!(pids.len(), 1, "{pids:?}");
-    let metrics = metrics_text(&c, &g).await;
+    let metrics = g.metrics().await;
     let connects = metric_value(&metrics, "fpmgate_upstream_connects_total{");
     let reuses = metric_value(&metrics, "fpmgate_upstream_connection_reuses_total{");
     assert!(

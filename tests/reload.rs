@@ -54,14 +54,7 @@ async fn which_pool(g: &Gate) -> String {
 }
 
 async fn metric(g: &Gate, prefix: &str) -> f64 {
-    let m = client()
-        .get(g.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = g.metrics().await;
     m.lines()
         .filter(|l| l.starts_with(prefix))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())

@@ -283,14 +283,7 @@ async fn many_concurrent_h2_streams_on_one_connection() {
     for t in tasks {
         t.await.unwrap();
     }
-    let m = support::client()
-        .get(g.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = g.metrics().await;
     let https_conns: f64 = m
         .lines()
         .filter(|l| l.starts_with("fpmgate_client_connections{listener=\"https\"}"))

@@ -374,22 +374,7 @@ impl<'a> ParamsWriter<'a> {
     #[inline]
     pub fn add(&mut self, name: &[u8], value: &[u8]) {
         let name = name.get(..MAX_PAIR_LEN).unwrap_or(name);
-        let value = value.get(..MAX_PAIR_LEN).unwrap_or(value);
-        let (lens, n) = pair_lengths(name.len(), value.len());
-        let lens = lens.get(..n).unwrap_or_default();
-        let pair = n + name.len() + value.len();
-        if self.fits(pair) {
-            // The common case: the pair fits the open record, three copies.
-            self.buf.reserve(pair);
-            self.buf.extend_from_slice(lens);
-            self.buf.extend_from_slice(name);
-            self.buf.extend_from_slice(value);
-            return;
-        }
-        self.reserve_pair(name.len(), value.len());
-        self.put(lens, false);
-        self.put(name, false);
-        self.put(value, false);
+        self.pair(b"", name, false, value);
     }
 
     /// Adds `HTTP_` + the header name upper-cased with `-` turned into `_`
@@ -401,28 +386,39 @@ impl<'a> ParamsWriter<'a> {
         let header_name = header_name
             .get(..MAX_PAIR_LEN - PREFIX.len())
             .unwrap_or(header_name);
+        self.pair(PREFIX, header_name, true, value);
+    }
+
+    /// Writes a pair named `prefix` + `name` (`name` in CGI spelling when `cgi`); the name
+    /// is already clamped. Inlined into both callers, so `prefix` and `cgi` are constants.
+    #[inline(always)]
+    fn pair(&mut self, prefix: &[u8], name: &[u8], cgi: bool, value: &[u8]) {
         let value = value.get(..MAX_PAIR_LEN).unwrap_or(value);
-        let name_len = PREFIX.len() + header_name.len();
+        let name_len = prefix.len() + name.len();
         let (lens, n) = pair_lengths(name_len, value.len());
         let lens = lens.get(..n).unwrap_or_default();
         let pair = n + name_len + value.len();
-        if self.fits(pair) {
-            self.buf.reserve(pair);
-            self.buf.extend_from_slice(lens);
-            self.buf.extend_from_slice(PREFIX);
-            let from = self.buf.len();
-            self.buf.extend_from_slice(header_name);
+        if !self.fits(pair) {
+            // Rare: the pair rolls over into a new record.
+            self.reserve_pair(name_len, value.len());
+            self.put(lens, false);
+            self.put(prefix, false);
+            self.put(name, cgi);
+            self.put(value, false);
+            return;
+        }
+        // The common case: the pair fits the open record, a few plain copies.
+        self.buf.reserve(pair);
+        self.buf.extend_from_slice(lens);
+        self.buf.extend_from_slice(prefix);
+        let from = self.buf.len();
+        self.buf.extend_from_slice(name);
+        if cgi {
             if let Some(written) = self.buf.get_mut(from..) {
                 cgi_name(written);
             }
-            self.buf.extend_from_slice(value);
-            return;
         }
-        self.reserve_pair(name_len, value.len());
-        self.put(lens, false);
-        self.put(PREFIX, false);
-        self.put(header_name, true);
-        self.put(value, false);
+        self.buf.extend_from_slice(value);
     }
 
     /// Closes the open record and appends the empty PARAMS record that ends

@@ -143,6 +143,18 @@ impl Gate {
         format!("http://{}{path}", connect_host(addr))
     }
 
+    /// The text of `GET /metrics` on the admin listener.
+    pub async fn metrics(&self) -> String {
+        super::client()
+            .get(self.admin_url("/metrics"))
+            .send()
+            .await
+            .expect("GET /metrics")
+            .text()
+            .await
+            .expect("read /metrics")
+    }
+
     /// Every line fpmgate printed so far (stdout and stderr, ANSI codes removed).
     pub fn logs(&self) -> Vec<String> {
         self.logs
