@@ -254,7 +254,7 @@ pub async fn serve_connection<I: ClientIo>(io: I, info: Arc<ConnInfo>, s: &Serve
     let clock = Clock::new(h2);
     let mut io = Watched::new(io, clock.clone());
     if h2 {
-        return serve_h2(io, info, s, &clock, t).await;
+        return Box::pin(serve_h2(io, info, s, &clock, t)).await;
     }
     let mut first = true;
     loop {
@@ -273,16 +273,18 @@ pub async fn serve_connection<I: ClientIo>(io: I, info: Arc<ConnInfo>, s: &Serve
         }
         if std::mem::take(&mut first) {
             let budget = clock.park_budget(t.header, t.idle);
-            match tokio::time::timeout(budget, sniff_h2(&mut io))
+            match Box::pin(tokio::time::timeout(budget, sniff_h2(&mut io)))
                 .await
                 .unwrap_or(None)
             {
-                Some(true) => return serve_h2(io, info, s, &clock, t).await,
+                Some(true) => return Box::pin(serve_h2(io, info, s, &clock, t)).await,
                 Some(false) => {}
                 None => return,
             }
         }
-        match serve_h1(io, &info, s, &clock, t).await {
+        // The servers' futures are boxed (one allocation per wake-up) so that what stays
+        // allocated while parked is only this loop's state.
+        match Box::pin(serve_h1(io, &info, s, &clock, t)).await {
             Some(back) => io = back,
             None => return,
         }
