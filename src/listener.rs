@@ -326,11 +326,14 @@ fn service(
     service_fn(move |req| {
         let in_flight = clock.begin();
         let fut = proxy.clone().handle(req, info.clone());
-        async move {
+        // Boxed: the request's future is a few KiB, and hyper moves what it is given (an
+        // HTTP/2 stream is spawned as a task with it inside, and tokio moves a task's
+        // future by value several times before it first runs). A pointer moves for free.
+        Box::pin(async move {
             let mut resp = fut.await?;
             resp.body_mut().hold(in_flight);
             Ok::<_, std::convert::Infallible>(resp)
-        }
+        })
     })
 }
 
