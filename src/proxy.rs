@@ -151,7 +151,10 @@ impl Proxy {
                 .with_label_values(&[vhost, pool, status.as_str()])
                 .inc(),
         }
-        if let Ok(v) = HeaderValue::from_str(&rid) {
+        if let Ok(mut v) = HeaderValue::from_str(&rid) {
+            // Never the same twice: over HTTP/2 it is sent as a literal that HPACK does not
+            // index, instead of evicting reusable entries from the client's table.
+            v.set_sensitive(true);
             resp.headers_mut().insert(REQUEST_ID, v);
         }
         let access = access.map(|mut r| {
