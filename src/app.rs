@@ -158,6 +158,7 @@ async fn serve(path: PathBuf, config: Config) -> anyhow::Result<()> {
     }
 
     tokio::spawn(crate::reload::watch(reloader.clone(), shutdown.clone()));
+    tokio::spawn(crate::memory::trim_after_parking(shutdown.clone()));
     tokio::spawn(crate::dns::discover(
         shared.clone(),
         metrics.clone(),

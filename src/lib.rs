@@ -19,6 +19,7 @@ pub mod fastcgi;
 pub mod listener;
 pub mod listeners;
 pub mod mapping;
+pub mod memory;
 pub mod metrics;
 pub mod pool;
 pub mod proxy;

@@ -364,6 +364,7 @@ async fn serve_h1<I: ClientIo>(
                 }
                 clock.set_parking(false);
                 tracing::trace!("connection parked");
+                crate::memory::parked();
                 let parts = conn.into_parts();
                 let mut io = parts.io.into_inner();
                 if !parts.read_buf.is_empty() {

@@ -213,3 +213,55 @@ access_log: off
         "proxy RSS grew by {grew} KiB while streaming 1 GiB"
     );
 }
+
+/// Kept-alive clients that go quiet cost little: their connections park (the HTTP server
+/// state is dropped, see `PARK_AFTER`) and the freed memory goes back to the kernel. Each
+/// of them still answers its next request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_keepalive_connections_park_and_give_memory_back() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const N: usize = 1000;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("hi.txt"), b"hi\n").unwrap();
+    let g = gate_with_static(dir.path());
+    let addr = g.url("").trim_start_matches("http://").to_string();
+    client().get(g.url("/hi.txt")).send().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let base = rss_kib(g.pid());
+    let request = b"GET /hi.txt HTTP/1.1\r\nHost: t\r\n\r\n";
+    async fn answer(s: &mut tokio::net::TcpStream) -> String {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 1024];
+        while !buf.ends_with(b"\r\n\r\nhi\n") {
+            let n = s.read(&mut chunk).await.unwrap();
+            assert!(
+                n > 0,
+                "connection closed: {}",
+                String::from_utf8_lossy(&buf)
+            );
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        String::from_utf8_lossy(&buf).into_owned()
+    }
+    let mut conns = Vec::with_capacity(N);
+    for _ in 0..N {
+        let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        s.write_all(request).await.unwrap();
+        assert!(answer(&mut s).await.starts_with("HTTP/1.1 200"));
+        conns.push(s);
+    }
+    // Parking after 200 ms of silence, the trim within the next 500 ms.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let grew = rss_kib(g.pid()).saturating_sub(base);
+    let per_conn = grew as f64 / N as f64;
+    eprintln!("{N} idle connections: RSS +{grew} KiB, {per_conn:.2} KiB each");
+    // Served but not parked, or parked without the trim, they cost 6-9 KiB each.
+    assert!(
+        per_conn < 4.0,
+        "{per_conn:.2} KiB of RSS per idle connection"
+    );
+    for s in conns.iter_mut().step_by(50) {
+        s.write_all(request).await.unwrap();
+        assert!(answer(s).await.starts_with("HTTP/1.1 200"));
+    }
+}
