@@ -404,29 +404,33 @@ fn write_server_name(host: &str, first_host: &str, sink: &mut impl ParamSink) {
 
 fn write_headers(headers: &http::HeaderMap, sink: &mut impl ParamSink) {
     let connection = headers.get_all(http::header::CONNECTION);
-    for name in headers.keys() {
+    let has_connection = connection.iter().next().is_some();
+    // One pass: the map yields every value of a name before the next name, so repeated
+    // headers are joined as they come, without a lookup per name.
+    let mut it = headers.iter().peekable();
+    while let Some((name, first)) = it.next() {
         let n = name.as_str();
+        let same = |next: &(&http::HeaderName, &http::HeaderValue)| next.0 == name;
         // nginx's default `ignore_invalid_headers on` + `underscores_in_headers
         // off`: only [a-z0-9-] names pass. Dropping '_' matters most: `X_Real_IP`
         // and `X-Real-IP` would both become HTTP_X_REAL_IP (spoofing).
         let valid = n
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-        if !valid || n == "host" || NEVER_PASSED.contains(&n) {
-            continue;
-        }
         // Headers the client declared hop-by-hop (`Connection: close, X-Foo`).
-        let listed = connection.iter().any(|v| {
-            v.as_bytes()
-                .split(|&b| b == b',')
-                .any(|token| token.trim_ascii().eq_ignore_ascii_case(n.as_bytes()))
-        });
-        if listed {
+        let listed = || {
+            has_connection
+                && connection.iter().any(|v| {
+                    v.as_bytes()
+                        .split(|&b| b == b',')
+                        .any(|token| token.trim_ascii().eq_ignore_ascii_case(n.as_bytes()))
+                })
+        };
+        if !valid || n == "host" || NEVER_PASSED.contains(&n) || listed() {
+            while it.next_if(same).is_some() {}
             continue;
         }
-        let mut values = headers.get_all(name).iter();
-        let Some(first) = values.next() else { continue };
-        let Some(second) = values.next() else {
+        let Some((_, second)) = it.next_if(same) else {
             // The common case: one occurrence, passed without copying.
             sink.header(n.as_bytes(), first.as_bytes());
             continue;
@@ -440,7 +444,9 @@ fn write_headers(headers: &http::HeaderMap, sink: &mut impl ParamSink) {
         };
         let mut joined = Vec::with_capacity(first.len() + sep.len() + second.len());
         joined.extend_from_slice(first.as_bytes());
-        for value in std::iter::once(second).chain(values) {
+        joined.extend_from_slice(sep);
+        joined.extend_from_slice(second.as_bytes());
+        while let Some((_, value)) = it.next_if(same) {
             joined.extend_from_slice(sep);
             joined.extend_from_slice(value.as_bytes());
         }

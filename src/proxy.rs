@@ -198,12 +198,12 @@ impl Proxy {
         if pq.len() > limits.max_uri {
             return Err(ProxyError::UriTooLong);
         }
-        check_framing(&parts.headers)?;
+        let framing = check_framing(&parts.headers)?;
         let raw_path = parts.uri.path();
         let query = parts.uri.query().unwrap_or("");
         let host = match parts.uri.authority() {
             Some(a) => a.as_str(),
-            None => match parts.headers.get(header::HOST) {
+            None => match framing.host {
                 Some(h) => h
                     .to_str()
                     .map_err(|_| ProxyError::BadRequest("invalid Host header"))?,
@@ -246,7 +246,7 @@ impl Proxy {
             };
 
         // The whole body, before any FPM worker is involved.
-        let declared = match parts.headers.get(header::CONTENT_LENGTH) {
+        let declared = match framing.content_length {
             Some(v) => Some(
                 v.to_str()
                     .ok()
@@ -262,7 +262,7 @@ impl Proxy {
         };
         let request_body = body::read_body(body, declared, body_limits).await?;
         let has_framing = declared.is_some()
-            || parts.headers.contains_key(header::TRANSFER_ENCODING)
+            || framing.chunked
             || !request_body.is_empty()
             || matches!(parts.method, Method::POST | Method::PUT | Method::PATCH);
         let content_length = has_framing.then(|| request_body.len());
@@ -426,31 +426,46 @@ fn access_record<B>(
 
 /// Request smuggling guards on top of hyper's parser: a message whose length two parties
 /// could read differently is refused (and the connection closed), as nginx does.
-fn check_framing(headers: &http::HeaderMap) -> Result<(), ProxyError> {
-    let cl = headers.get_all(header::CONTENT_LENGTH).iter().count();
-    let te: Vec<&HeaderValue> = headers.get_all(header::TRANSFER_ENCODING).iter().collect();
-    if cl > 1 {
-        return Err(ProxyError::BadRequest("duplicate Content-Length"));
-    }
-    if !te.is_empty() {
-        if cl > 0 {
-            return Err(ProxyError::BadRequest(
-                "both Content-Length and Transfer-Encoding",
-            ));
+/// The headers that frame a request, found in one pass over them.
+struct Framing<'a> {
+    host: Option<&'a HeaderValue>,
+    content_length: Option<&'a HeaderValue>,
+    chunked: bool,
+}
+
+/// Rejects ambiguous framing (request smuggling): more than one Content-Length or Host,
+/// Content-Length with Transfer-Encoding, any Transfer-Encoding but a single `chunked`.
+fn check_framing(headers: &http::HeaderMap) -> Result<Framing<'_>, ProxyError> {
+    let mut f = Framing {
+        host: None,
+        content_length: None,
+        chunked: false,
+    };
+    for (name, value) in headers {
+        if name == header::CONTENT_LENGTH {
+            if f.content_length.replace(value).is_some() {
+                return Err(ProxyError::BadRequest("duplicate Content-Length"));
+            }
+        } else if name == header::TRANSFER_ENCODING {
+            if f.chunked
+                || !value
+                    .as_bytes()
+                    .trim_ascii()
+                    .eq_ignore_ascii_case(b"chunked")
+            {
+                return Err(ProxyError::BadRequest("unsupported Transfer-Encoding"));
+            }
+            f.chunked = true;
+        } else if name == header::HOST && f.host.replace(value).is_some() {
+            return Err(ProxyError::BadRequest("duplicate Host header"));
         }
-        if te.len() > 1
-            || !te[0]
-                .as_bytes()
-                .trim_ascii()
-                .eq_ignore_ascii_case(b"chunked")
-        {
-            return Err(ProxyError::BadRequest("unsupported Transfer-Encoding"));
-        }
     }
-    if headers.get_all(header::HOST).iter().count() > 1 {
-        return Err(ProxyError::BadRequest("duplicate Host header"));
+    if f.chunked && f.content_length.is_some() {
+        return Err(ProxyError::BadRequest(
+            "both Content-Length and Transfer-Encoding",
+        ));
     }
-    Ok(())
+    Ok(f)
 }
 
 /// Host is `name[:port]` or `[v6][:port]` of visible ASCII without `/`, `\`, `@` or spaces.
