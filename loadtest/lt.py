@@ -321,6 +321,14 @@ def parse_h2load(text, log_path=None):
     m = re.search(r"time for request:\s+\S+\s+(\S+)", text)
     if m:
         r["max_ms"] = _dur_ms(m.group(1))
+    # Per-connection rates (min max mean sd): a proxy that serves some connections and
+    # leaves others waiting shows a slowest connection far below the mean.
+    m = re.search(r"^req/s\s*:\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)", text, re.M)
+    if m:
+        r["conn_min_rps"] = float(m.group(1))
+        r["conn_mean_rps"] = float(m.group(3))
+        if r["conn_mean_rps"] > 0:
+            r["conn_fairness"] = r["conn_min_rps"] / r["conn_mean_rps"]
     if log_path and os.path.exists(log_path):
         lat = []
         with open(log_path) as f:
@@ -447,7 +455,8 @@ def summarize(records):
             "failures": [r["error"] for r in rs if "error" in r],
         }
         for f in ("rps", "p50_ms", "p99_ms", "max_ms", "cpu_per_10k", "requests",
-                  "starved_conns", "pending_at_end", "pending_max_ms"):
+                  "starved_conns", "pending_at_end", "pending_max_ms",
+                  "conn_min_rps", "conn_mean_rps", "conn_fairness"):
             s[f] = _median([r.get(f) for r in good])
         s["hwm_mib"] = _median([r["hwm_kib"] / 1024.0 for r in good if r.get("hwm_kib")])
         for f in ("errors", "non2xx", "timeouts", "sock_errors"):
@@ -672,6 +681,27 @@ def cmd_report(args):
         for sc in scenarios:
             L.append(f"- {SCENARIO_TITLES[sc]}")
         L.append("")
+        fair = [(sc, px) for sc in scenarios for px in proxies
+                if (summ.get((sc, px)) or {}).get("conn_fairness") is not None]
+        if fair:
+            L.append("## Fairness across HTTP/2 connections")
+            L.append("")
+            L.append(
+                "h2load's per-connection request rates: the slowest connection "
+                "against their mean. Near 1 every client is served alike; near 0 some "
+                "connections are served at full speed while others wait, and the req/s and "
+                "latency above describe only the served ones."
+            )
+            L.append("")
+            L.append("| scenario | proxy | slowest connection req/s | mean req/s | slowest / mean |")
+            L.append("|---|---|---|---|---|")
+            for sc, px in fair:
+                s = summ[(sc, px)]
+                L.append(
+                    f"| {sc} | {px} | {_fmt(s['conn_min_rps'], 0)} | {_fmt(s['conn_mean_rps'], 0)} "
+                    f"| {_fmt(s['conn_fairness'], 2)} |"
+                )
+            L.append("")
     if any(k[0] == "idle" for k in summ):
         L.append("## Idle keep-alive client connections")
         L.append("")
