@@ -115,6 +115,13 @@ where
             continue;
         }
         if let Some(f) = first.take() {
+            // Room for the declared body at once instead of doubling, and copying, as it
+            // arrives; at most RESERVE_MAX ahead of the bytes, so that a client declaring
+            // a large body and sending two bytes does not get the memory of a large body.
+            const RESERVE_MAX: u64 = 256 * 1024;
+            let cap = RESERVE_MAX.min(limits.body_buffer as u64 + 1);
+            let want = declared.map_or(0, |n| n.min(cap) as usize);
+            mem.reserve(want.max(f.len() + data.len()));
             mem.extend_from_slice(&f);
         }
         mem.extend_from_slice(&data);
