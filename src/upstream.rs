@@ -118,7 +118,11 @@ pub async fn exchange(
         };
         match client::send(
             &mut conn,
-            Outgoing { wire: &wire, file },
+            Outgoing {
+                wire: &wire,
+                file,
+                memory: sent_apart(request_body),
+            },
             cfg.timeouts.read,
             cfg.timeouts.send,
             max_header,
@@ -224,7 +228,7 @@ pub fn encode_request(
     body: &RequestBody,
 ) -> Bytes {
     let body_len = match body {
-        RequestBody::Memory(b) => {
+        RequestBody::Memory(b) if sent_apart(body).is_none() => {
             b.len() + (b.len() / codec::MAX_CONTENT_LEN + 1) * codec::HEADER_LEN
         }
         _ => 0,
@@ -240,6 +244,8 @@ pub fn encode_request(
     mapping::write_params(facts, &vf, script, &mut params);
     params.finish();
     match body {
+        // Large ones follow the wire buffer from their own (see `sent_apart`).
+        RequestBody::Memory(_) if sent_apart(body).is_some() => {}
         RequestBody::Memory(b) => {
             codec::put_stdin(&mut wire, REQUEST_ID, b);
             codec::put_stdin_end(&mut wire, REQUEST_ID);
@@ -249,6 +255,19 @@ pub fn encode_request(
         RequestBody::File { .. } => {}
     }
     wire.freeze()
+}
+
+/// In-memory bodies above this are written to FPM from their own buffer instead of being
+/// copied into the request's wire buffer; smaller ones are cheaper to copy than to write
+/// apart.
+const SEND_APART_OVER: usize = 16 * 1024;
+
+/// The in-memory body that is written after the wire buffer rather than inside it.
+fn sent_apart(body: &RequestBody) -> Option<&[u8]> {
+    match body {
+        RequestBody::Memory(b) if b.len() > SEND_APART_OVER => Some(b),
+        _ => None,
+    }
 }
 
 async fn drain_head(resp: Response<ProxyBody>) -> Response<ProxyBody> {

@@ -255,6 +255,35 @@ async fn post_bodies_reach_php_with_content_length() {
     assert_eq!(s(&v, "method"), "DELETE");
 }
 
+/// Bodies around the sizes where the STDIN records change shape: copied into the request
+/// buffer up to 16 KiB, written apart above it, split into 65,535-byte records.
+#[tokio::test]
+async fn bodies_at_record_boundaries_arrive_intact() {
+    let g = shared_gate();
+    for n in [
+        16 * 1024,
+        16 * 1024 + 1,
+        65_535,
+        65_536,
+        131_070,
+        131_071,
+        200_000,
+    ] {
+        let body = pattern(n);
+        let v = json(
+            client()
+                .post(g.url("/body.php"))
+                .body(body.clone())
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(v["length"], n, "length of a {n}-byte body");
+        assert_eq!(s(&v, "md5"), md5_hex(&body), "md5 of a {n}-byte body");
+    }
+}
+
 #[tokio::test]
 async fn chunked_request_body_gets_a_real_content_length() {
     let g = shared_gate();

@@ -29,11 +29,14 @@ const SEQUENTIAL_WRITE_MAX: usize = 64 * 1024;
 
 /// What goes to FPM: the encoded records, and a spooled body to stream after them.
 pub struct Outgoing<'a> {
-    /// BEGIN_REQUEST, PARAMS, and (for in-memory bodies) every STDIN record with the empty
-    /// terminator.
+    /// BEGIN_REQUEST, PARAMS, and (for small in-memory bodies) every STDIN record with the
+    /// empty terminator.
     pub wire: &'a [u8],
     /// A spooled body whose STDIN records (and terminator) are written after `wire`.
     pub file: Option<(std::fs::File, u64)>,
+    /// A large in-memory body, written after `wire` as STDIN records straight from its
+    /// buffer (record headers and slices of it, vectored), not copied into `wire`.
+    pub memory: Option<&'a [u8]>,
 }
 
 /// A failed exchange, with what the retry rule needs to know.
@@ -82,7 +85,7 @@ pub async fn send(
     max_header: usize,
     log: LogCtx<'_>,
 ) -> Result<(CgiHead, Bytes, bool), Failure> {
-    if out.file.is_none() && out.wire.len() <= SEQUENTIAL_WRITE_MAX {
+    if out.file.is_none() && out.memory.is_none() && out.wire.len() <= SEQUENTIAL_WRITE_MAX {
         // Nearly always the socket takes the whole request at once: try that before arming
         // the send timer.
         let first = std::future::poll_fn(|cx| {
@@ -118,6 +121,23 @@ pub async fn send(
     let Conn { stream, buf, .. } = conn;
     let (mut rd, mut wr) = tokio::io::split(stream);
     let write = async {
+        if let Some(body) = out.memory {
+            // The wire buffer, then each STDIN record as its header and a slice of the
+            // body, then the terminator: one vectored write where the socket takes it all.
+            let chunks = body.chunks(codec::MAX_CONTENT_LEN);
+            let headers: Vec<[u8; codec::HEADER_LEN]> = chunks
+                .clone()
+                .map(|c| stdin_header(c.len()))
+                .chain([stdin_header(0)])
+                .collect();
+            let mut parts = vec![io::IoSlice::new(out.wire)];
+            for (h, c) in headers.iter().zip(chunks) {
+                parts.extend([io::IoSlice::new(h), io::IoSlice::new(c)]);
+            }
+            parts.extend(headers.last().map(|h| io::IoSlice::new(h)));
+            write_all_vectored(&mut wr, &mut parts, send_timeout).await?;
+            return Ok(());
+        }
         tokio::time::timeout(send_timeout, wr.write_all(out.wire))
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "send timeout"))??;
@@ -154,18 +174,51 @@ async fn write_file<W: AsyncWrite + Unpin>(
     while remaining > 0 {
         let want = remaining.min(codec::MAX_CONTENT_LEN as u64) as usize;
         file.read_exact(&mut chunk[..want]).await?;
-        let header = codec::record_header(RecordType::Stdin, REQUEST_ID, want as u16, 0);
-        let mut both = Buf::chain(&header[..], &chunk[..want]);
-        tokio::time::timeout(send_timeout, wr.write_all_buf(&mut both))
-            .await
-            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "send timeout"))??;
+        write_stdin(wr, &chunk[..want], send_timeout).await?;
         remaining -= want as u64;
     }
-    let end = codec::record_header(RecordType::Stdin, REQUEST_ID, 0, 0);
-    tokio::time::timeout(send_timeout, wr.write_all(&end))
-        .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "send timeout"))??;
+    write_stdin(wr, &[], send_timeout).await?;
     wr.flush().await
+}
+
+/// The header of a STDIN record of `len` (≤ `MAX_CONTENT_LEN`) bytes; 0 is the terminator.
+fn stdin_header(len: usize) -> [u8; codec::HEADER_LEN] {
+    let len = u16::try_from(len).unwrap_or(u16::MAX);
+    codec::record_header(RecordType::Stdin, REQUEST_ID, len, 0)
+}
+
+/// One STDIN record of at most `MAX_CONTENT_LEN` bytes (empty: the terminator), its header
+/// and content in one vectored write where the socket takes it.
+async fn write_stdin<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    content: &[u8],
+    send_timeout: Duration,
+) -> io::Result<()> {
+    let content = content.get(..codec::MAX_CONTENT_LEN).unwrap_or(content);
+    let header = stdin_header(content.len());
+    let mut both = Buf::chain(&header[..], content);
+    tokio::time::timeout(send_timeout, wr.write_all_buf(&mut both))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "send timeout"))?
+}
+
+/// Writes every slice, each write call within `send_timeout`.
+async fn write_all_vectored<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    mut parts: &mut [io::IoSlice<'_>],
+    send_timeout: Duration,
+) -> io::Result<()> {
+    io::IoSlice::advance_slices(&mut parts, 0);
+    while !parts.is_empty() {
+        let n = tokio::time::timeout(send_timeout, wr.write_vectored(parts))
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "send timeout"))??;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        io::IoSlice::advance_slices(&mut parts, n);
+    }
+    Ok(())
 }
 
 async fn read_head(
