@@ -6,7 +6,10 @@
 //! would keep all of it resident. Purging at once on every free costs throughput instead
 //! (HTTP/2 frees and refaults pages all the time: −18% req/s measured). So the binary
 //! registers a trim function and it runs here, at most every [`TRIM_EVERY`], only after
-//! connections parked.
+//! connections parked. With several worker threads the trim runs on one of them: it purges
+//! the free pages of every thread (they go back to a shared arena when emptied), and
+//! collects only that thread's not-yet-emptied pages (1,000 idle clients on 2 workers:
+//! 2.75 KiB each, against 8.3 without the trim).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
