@@ -70,6 +70,7 @@ pub fn run(path: PathBuf) -> anyhow::Result<()> {
     };
     let rt = builder
         .thread_name("fpmgate-worker")
+        .on_thread_park(crate::memory::before_idle)
         .enable_all()
         .build()
         .context("starting the async runtime")?;

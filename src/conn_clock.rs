@@ -60,6 +60,24 @@ impl Clock {
         })
     }
 
+    /// The clock of a connection coming back from the parking lot: past its first
+    /// request, idle since `idle_since` (ms).
+    pub fn resumed(idle_since: u64) -> Arc<Clock> {
+        Arc::new(Clock {
+            inflight: AtomicUsize::new(0),
+            idle_since: AtomicU64::new(idle_since),
+            head_since: AtomicU64::new(0),
+            h2: AtomicBool::new(false),
+            first_read: AtomicBool::new(false),
+            parking: AtomicBool::new(false),
+        })
+    }
+
+    /// When the connection's last response ended (ms).
+    pub fn idle_since(&self) -> u64 {
+        self.idle_since.load(Ordering::Relaxed)
+    }
+
     fn on_read(&self, first_bytes: &[u8]) {
         if self.first_read.swap(false, Ordering::Relaxed) && first_bytes.starts_with(b"PRI ") {
             self.h2.store(true, Ordering::Relaxed);
@@ -164,6 +182,11 @@ impl<I> Watched<I> {
     /// The wrapped IO.
     pub fn get_mut(&mut self) -> &mut I {
         &mut self.inner
+    }
+
+    /// The wrapped IO, unwrapped.
+    pub fn into_inner(self) -> I {
+        self.inner
     }
 
     /// Whether bytes given to [`Watched::unread`] are still waiting.

@@ -21,6 +21,7 @@ pub mod listeners;
 pub mod mapping;
 pub mod memory;
 pub mod metrics;
+pub mod parking;
 pub mod pool;
 pub mod proxy;
 pub mod proxy_protocol;

@@ -16,6 +16,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::runtime::Handle;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -23,6 +24,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::Limits;
 use crate::conn_clock::{Clock, Verdict, Watched};
 use crate::metrics::Metrics;
+use crate::parking::{ConnGuard, Lot, Parked, Resume};
 use crate::proxy::{ConnInfo, Proxy};
 
 /// Binds a listening socket with `SO_REUSEADDR` and a deep backlog.
@@ -86,6 +88,16 @@ pub trait ClientIo: AsyncRead + AsyncWrite + Unpin + Send + 'static {
         let _ = (cx, buf);
         Poll::Ready(Ok(0))
     }
+
+    /// Plaintext only: the socket out of the runtime's reactor, for a [`Lot`]. `Err(self)`
+    /// where the connection cannot park there; `Ok(Err(_))` when leaving the reactor
+    /// failed (the socket is closed).
+    fn into_parkable(self) -> Result<io::Result<std::net::TcpStream>, Self>
+    where
+        Self: Sized,
+    {
+        Err(self)
+    }
 }
 
 impl ClientIo for TcpStream {
@@ -96,6 +108,10 @@ impl ClientIo for TcpStream {
     fn poll_peek(&mut self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
         let mut rb = ReadBuf::new(buf);
         TcpStream::poll_peek(self, cx, &mut rb).map_ok(|n| n.min(rb.filled().len()))
+    }
+
+    fn into_parkable(self) -> Result<io::Result<std::net::TcpStream>, Self> {
+        Ok(self.into_std())
     }
 }
 
@@ -158,6 +174,18 @@ pub async fn accept_loop(
     s: Serve,
 ) {
     let local = listener.local_addr().ok();
+    // Plaintext connections park in a lot of their own; TLS ones keep their session in
+    // their task.
+    let lot = match tls {
+        Some(_) => None,
+        None => match Lot::start(s.shutdown.clone(), Resumer(s.clone(), Handle::current())) {
+            Ok(lot) => Some(lot),
+            Err(e) => {
+                tracing::warn!(listener = kind, "idle connections wait in their tasks: {e}");
+                None
+            }
+        },
+    };
     loop {
         let permit = tokio::select! {
             _ = s.shutdown.cancelled() => return,
@@ -178,10 +206,10 @@ pub async fn accept_loop(
         let _ = stream.set_nodelay(true);
         let local = stream.local_addr().ok().or(local).unwrap_or(remote);
         let s2 = s.clone();
-        let tls = tls.clone();
+        let (tls, lot) = (tls.clone(), lot.clone());
         s.tracker.spawn(async move {
             let gauge = s2.metrics.client_connections.with_label_values(&[kind]);
-            gauge.inc();
+            let guard = ConnGuard::new(gauge, permit);
             let (mut stream, mut remote, mut local) = (stream, remote, local);
             if proxy_protocol {
                 let timeout = s2.proxy.shared.load().limits().header_timeout;
@@ -191,7 +219,6 @@ pub async fn accept_loop(
                     Ok(None) => {}
                     Err(e) => {
                         tracing::debug!(%remote, "connection refused: {e}");
-                        gauge.dec();
                         return;
                     }
                 }
@@ -205,12 +232,19 @@ pub async fn accept_loop(
                         local,
                         tls: None,
                     });
-                    Box::pin(serve_connection(stream, info, &s2, false)).await;
+                    let clock = Clock::new(false);
+                    let io = Watched::new(stream, clock.clone());
+                    let conn = Conn {
+                        info,
+                        clock,
+                        guard,
+                        lot: lot.as_ref(),
+                        fresh: true,
+                    };
+                    Box::pin(serve_connection(io, conn, &s2, false)).await;
                 }
-                Some(cfg) => Box::pin(serve_tls(stream, cfg, remote, local, &s2)).await,
+                Some(cfg) => Box::pin(serve_tls(stream, cfg, remote, local, guard, &s2)).await,
             }
-            gauge.dec();
-            drop(permit);
         });
     }
 }
@@ -221,6 +255,7 @@ async fn serve_tls(
     cfg: Arc<rustls::ServerConfig>,
     remote: SocketAddr,
     local: SocketAddr,
+    guard: ConnGuard,
     s: &Serve,
 ) {
     // A handshake gets the same budget as a request head: a client that opens a socket
@@ -236,27 +271,54 @@ async fn serve_tls(
                 tls: Some(proto),
             });
             let h2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");
-            serve_connection(tls_stream, info, s, h2).await;
+            let clock = Clock::new(h2);
+            let io = Watched::new(tls_stream, clock.clone());
+            let conn = Conn {
+                info,
+                clock,
+                guard,
+                lot: None,
+                fresh: true,
+            };
+            serve_connection(io, conn, s, h2).await;
         }
         Ok(Err(e)) => tracing::debug!(%remote, "TLS handshake failed: {e}"),
         Err(_) => tracing::debug!(%remote, "TLS handshake timed out"),
     }
 }
 
-/// Serves one accepted connection (plain or already TLS-terminated) to its end, with the
-/// header and idle timers of [`Clock`] watching it. `h2` when ALPN chose HTTP/2.
+/// What a connection being served carries besides its IO.
+struct Conn<'a> {
+    info: Arc<ConnInfo>,
+    clock: Arc<Clock>,
+    guard: ConnGuard,
+    /// Where it parks when idle (plaintext listeners).
+    lot: Option<&'a Arc<Lot>>,
+    /// Nothing read yet (a connection coming back from its lot has served requests).
+    fresh: bool,
+}
+
+/// Serves a connection (plain or already TLS-terminated) to its end or until it parks in
+/// its lot, with the header and idle timers of its [`Clock`] watching it. `h2` when ALPN
+/// chose HTTP/2.
 ///
 /// An HTTP/1 connection alternates between parked (waiting for bytes with no server
 /// state, see [`PARK_AFTER`]) and served (hyper's HTTP/1 server, until it has been idle
 /// for `PARK_AFTER`); an HTTP/2 connection is served to its end.
-pub async fn serve_connection<I: ClientIo>(io: I, info: Arc<ConnInfo>, s: &Serve, h2: bool) {
+async fn serve_connection<I: ClientIo>(mut io: Watched<I>, c: Conn<'_>, s: &Serve, h2: bool) {
     let t = Timers::new(s.proxy.shared.load().limits());
-    let clock = Clock::new(h2);
-    let mut io = Watched::new(io, clock.clone());
+    let Conn {
+        info,
+        clock,
+        guard,
+        lot,
+        fresh,
+    } = c;
     if h2 {
         return Box::pin(serve_h2(io, info, s, &clock, t)).await;
     }
-    let mut first = true;
+    // Only a fresh connection may turn out to be HTTP/2 with prior knowledge.
+    let mut first = fresh;
     loop {
         if !io.has_unread() {
             let budget = clock.park_budget(t.header, t.idle);
@@ -284,10 +346,60 @@ pub async fn serve_connection<I: ClientIo>(io: I, info: Arc<ConnInfo>, s: &Serve
         }
         // The servers' futures are boxed (one allocation per wake-up) so that what stays
         // allocated while parked is only this loop's state.
-        match Box::pin(serve_h1(io, &info, s, &clock, t)).await {
-            Some(back) => io = back,
+        io = match Box::pin(serve_h1(io, &info, s, &clock, t)).await {
+            Some(back) => back,
             None => return,
+        };
+        let Some(lot) = lot.filter(|_| !io.has_unread()) else {
+            continue;
+        };
+        match io.into_inner().into_parkable() {
+            Ok(Ok(stream)) => {
+                let parked = Parked {
+                    stream,
+                    info,
+                    idle_since: clock.idle_since(),
+                    guard,
+                };
+                // A connection the lot refuses (shutting down) closes here.
+                let _ = lot.park(parked, clock.park_budget(t.header, t.idle));
+                return;
+            }
+            Ok(Err(e)) => {
+                tracing::debug!("cannot park a connection: {e}");
+                return;
+            }
+            Err(back) => io = Watched::new(back, clock.clone()),
         }
+    }
+}
+
+/// Serves the connections a lot hands back, on the runtime.
+struct Resumer(Serve, Handle);
+
+impl Resume for Resumer {
+    fn resume(&self, lot: &Arc<Lot>, p: Parked) {
+        let (s, lot) = (self.0.clone(), lot.clone());
+        let task = async move {
+            let stream = match TcpStream::from_std(p.stream) {
+                Ok(stream) => stream,
+                Err(e) => {
+                    tracing::debug!("cannot serve a parked connection again: {e}");
+                    return;
+                }
+            };
+            let clock = Clock::resumed(p.idle_since);
+            let io = Watched::new(stream, clock.clone());
+            let conn = Conn {
+                info: p.info,
+                clock,
+                guard: p.guard,
+                lot: Some(&lot),
+                fresh: false,
+            };
+            Box::pin(serve_connection(io, conn, &s, false)).await;
+        };
+        self.0.tracker.spawn_on(task, &self.1);
     }
 }
 

@@ -265,6 +265,48 @@ async fn connection_limit_holds_extra_clients_in_the_backlog() {
 }
 
 #[tokio::test]
+async fn parked_connections_hold_their_slot_until_they_hang_up_or_shut_down() {
+    // Parked connections wait outside any task, but still count under max_connections.
+    let mut g = gate("limits: { max_connections: 2, idle_timeout: 30s }", "");
+    let req = b"GET /pid.php HTTP/1.1\r\nHost: x\r\n\r\n";
+    let (mut a, mut b) = (
+        TcpStream::connect(g.http).unwrap(),
+        TcpStream::connect(g.http).unwrap(),
+    );
+    for s in [&mut a, &mut b] {
+        s.write_all(req).unwrap();
+        assert!(read_responses(s, 1).starts_with("HTTP/1.1 200"));
+    }
+    std::thread::sleep(Duration::from_millis(700));
+    let mut c = TcpStream::connect(g.http).unwrap();
+    c.set_read_timeout(Some(Duration::from_millis(800)))
+        .unwrap();
+    c.write_all(req).unwrap();
+    let mut buf = [0u8; 64];
+    assert!(
+        c.read(&mut buf).is_err(),
+        "served while two parked connections held both slots"
+    );
+    // A parked client hangs up: its slot goes to the waiting one.
+    drop(a);
+    assert!(read_responses(&mut c, 1).starts_with("HTTP/1.1 200"));
+    // The other is served again after its wait, and parks again.
+    b.write_all(req).unwrap();
+    assert!(read_responses(&mut b, 1).starts_with("HTTP/1.1 200"));
+    std::thread::sleep(Duration::from_millis(700));
+    // Shutdown closes parked connections at once and exits.
+    g.signal("TERM");
+    let t = Instant::now();
+    for s in [&mut b, &mut c] {
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        assert_eq!(s.read(&mut buf).unwrap_or(0), 0, "closed at shutdown");
+    }
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    let status = g.wait_exit(Duration::from_secs(5)).expect("exited");
+    assert!(status.success(), "{status:?}");
+}
+
+#[tokio::test]
 async fn upload_disguised_as_script_never_runs() {
     // With a local tree: the try_files rule answers 404 before FPM is asked.
     let g = gate("", &format!("    static: {}", php_root().display()));
