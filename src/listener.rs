@@ -465,7 +465,11 @@ async fn serve_h1<I: ClientIo>(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let (mut closing, mut parking) = (false, false);
     loop {
+        // Shutdown is looked at on the tick, not as a branch here: a cancellation token's
+        // future takes two locks shared by every connection of the listener each time it
+        // is polled, and this loop is polled on every wake-up of the connection.
         tokio::select! {
+            biased;
             res = &mut *conn => {
                 if let Err(e) = res {
                     tracing::debug!("client connection ended: {e}");
@@ -484,11 +488,11 @@ async fn serve_h1<I: ClientIo>(
                 }
                 return Some(io);
             }
-            _ = s.shutdown.cancelled(), if !closing => {
-                closing = true;
-                std::pin::Pin::new(&mut *conn).graceful_shutdown();
-            }
             _ = tick.tick(), if !closing => match clock.check(t.header, t.idle) {
+                _ if s.shutdown.is_cancelled() => {
+                    closing = true;
+                    std::pin::Pin::new(&mut *conn).graceful_shutdown();
+                }
                 Verdict::Fine => {
                     if clock.parkable(PARK_AFTER) {
                         // hyper is idle (the clock saw no byte since the last response):
@@ -523,19 +527,17 @@ async fn serve_h2<I: ClientIo>(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut closing = false;
     loop {
+        // Shutdown on the tick, as in `serve_h1`.
         tokio::select! {
+            biased;
             res = conn.as_mut() => {
                 if let Err(e) = res {
                     tracing::debug!("client connection ended: {e}");
                 }
                 return;
             }
-            _ = s.shutdown.cancelled(), if !closing => {
-                closing = true;
-                conn.as_mut().graceful_shutdown();
-            }
             _ = tick.tick(), if !closing => {
-                if clock.check(t.header, t.idle) == Verdict::Idle {
+                if s.shutdown.is_cancelled() || clock.check(t.header, t.idle) == Verdict::Idle {
                     closing = true;
                     conn.as_mut().graceful_shutdown();
                 }

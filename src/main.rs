@@ -24,7 +24,9 @@ fn tune_allocator() {}
 /// the kernel's khugepaged then collapses a mostly idle 2 MiB region into one resident
 /// huge page at a moment of its choosing: an idle proxy's RSS jumps by 2-6 MiB some
 /// seconds after its clients went quiet, and purged memory comes back. The heap of a
-/// proxy is small; the TLB misses saved are not worth it (same-run A/B in loadtest/).
+/// proxy is small and gains nothing: in an A/B of three rounds each, CPU per request was
+/// the same with and without (fast-h1 0.130 vs 0.129 s per 10k, fast-h2 0.116 vs 0.117),
+/// peak RSS 17 vs 23 MiB (h1) and 23 vs 32 MiB (h2).
 #[cfg(target_os = "linux")]
 fn no_huge_pages() {
     // SAFETY: PR_SET_THP_DISABLE takes integers only and changes no memory.
