@@ -437,12 +437,14 @@ fn service(
     let (proxy, info, clock) = (s.proxy.clone(), info.clone(), clock.clone());
     service_fn(move |req| {
         let in_flight = clock.begin();
-        let fut = proxy.clone().handle(req, info.clone());
+        let (proxy, info) = (proxy.clone(), info.clone());
         // Boxed: the request's future is a few KiB, and hyper moves what it is given (an
         // HTTP/2 stream is spawned as a task with it inside, and tokio moves a task's
         // future by value several times before it first runs). A pointer moves for free.
+        // The handler's future is made inside the box, on its first poll: made out here,
+        // it would be copied in whole.
         Box::pin(async move {
-            let mut resp = fut.await?;
+            let mut resp = proxy.handle(req, info).await?;
             resp.body_mut().hold(in_flight);
             Ok::<_, std::convert::Infallible>(resp)
         })

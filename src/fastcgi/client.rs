@@ -508,8 +508,10 @@ impl http_body::Body for FcgiBody {
                     }
                 },
                 Ok(None) => {
+                    // A body that needs more than the first read streams in reads of a
+                    // whole record (64 KiB) rather than 16 KiB: a quarter of the reads.
                     if conn.buf.capacity() - conn.buf.len() < 4096 {
-                        conn.buf.reserve(16 * 1024);
+                        conn.buf.reserve(STREAM_READ);
                     }
                     match tokio_util::io::poll_read_buf(
                         Pin::new(&mut conn.stream),
@@ -555,6 +557,9 @@ impl http_body::Body for FcgiBody {
 }
 
 use std::future::Future;
+
+/// Read size while a response body streams: one FastCGI record's largest content.
+const STREAM_READ: usize = 64 * 1024;
 
 #[path = "body_end.rs"]
 mod body_end;

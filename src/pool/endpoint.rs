@@ -408,7 +408,12 @@ impl Conn {
             ..
         } = self;
         if buf.is_empty() {
-            buf.reserve(READ_BUF);
+            if buf.capacity() > 2 * READ_BUF {
+                // A large response grew it: an idle connection keeps only the usual size.
+                buf = BytesMut::with_capacity(READ_BUF);
+            } else {
+                buf.reserve(READ_BUF);
+            }
             slot.endpoint.put_idle(stream, buf);
         }
         // Bytes left after END_REQUEST mean FPM sent something we did not ask for: close.
