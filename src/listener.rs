@@ -322,10 +322,12 @@ async fn serve_connection<I: ClientIo>(mut io: Watched<I>, c: Conn<'_>, s: &Serv
     loop {
         if !io.has_unread() {
             let budget = clock.park_budget(t.header, t.idle);
+            // A request that has arrived is served, even at the budget's end.
             let ready = tokio::select! {
+                biased;
+                r = std::future::poll_fn(|cx| io.get_mut().poll_parked(cx)) => r.is_ok(),
                 _ = s.shutdown.cancelled() => false,
                 _ = tokio::time::sleep(budget) => false,
-                r = std::future::poll_fn(|cx| io.get_mut().poll_parked(cx)) => r.is_ok(),
             };
             if !ready {
                 // Shutting down, idle past idle_timeout, or silent past header_timeout
@@ -361,9 +363,29 @@ async fn serve_connection<I: ClientIo>(mut io: Watched<I>, c: Conn<'_>, s: &Serv
                     idle_since: clock.idle_since(),
                     guard,
                 };
-                // A connection the lot refuses (shutting down) closes here.
-                let _ = lot.park(parked, clock.park_budget(t.header, t.idle));
-                return;
+                let Err(back) = lot.park(parked, clock.park_budget(t.header, t.idle)) else {
+                    return;
+                };
+                if s.shutdown.is_cancelled() {
+                    return;
+                }
+                // The lot cannot watch it: the connection waits in this task after all.
+                let stream = match TcpStream::from_std(back.stream) {
+                    Ok(stream) => stream,
+                    Err(e) => {
+                        tracing::debug!("cannot serve a connection again: {e}");
+                        return;
+                    }
+                };
+                let conn = Conn {
+                    info: back.info,
+                    clock: clock.clone(),
+                    guard: back.guard,
+                    lot: None,
+                    fresh: false,
+                };
+                let io = Watched::new(stream, clock);
+                return Box::pin(serve_connection(io, conn, s, false)).await;
             }
             Ok(Err(e)) => {
                 tracing::debug!("cannot park a connection: {e}");
@@ -490,27 +512,26 @@ async fn serve_h1<I: ClientIo>(
                 }
                 return Some(io);
             }
-            _ = tick.tick(), if !closing => match clock.check(t.header, t.idle) {
-                _ if s.shutdown.is_cancelled() => {
+            _ = tick.tick() => {
+                let verdict = clock.check(t.header, t.idle);
+                if verdict == Verdict::SlowHead {
+                    // A slowloris head: no answer owed, drop the socket (while draining too).
+                    return None;
+                }
+                if closing {
+                    continue;
+                }
+                if s.shutdown.is_cancelled() || verdict == Verdict::Idle {
                     closing = true;
                     std::pin::Pin::new(&mut *conn).graceful_shutdown();
-                }
-                Verdict::Fine => {
-                    if clock.parkable(PARK_AFTER) {
-                        // hyper is idle (the clock saw no byte since the last response):
-                        // closing it now ends it at once and leaves the socket open.
-                        (closing, parking) = (true, true);
-                        clock.set_parking(true);
-                        std::pin::Pin::new(&mut *conn).graceful_shutdown();
-                    }
-                }
-                Verdict::Idle => {
-                    closing = true;
+                } else if clock.parkable(PARK_AFTER) {
+                    // hyper is idle (the clock saw no byte since the last response):
+                    // closing it now ends it at once and leaves the socket open.
+                    (closing, parking) = (true, true);
+                    clock.set_parking(true);
                     std::pin::Pin::new(&mut *conn).graceful_shutdown();
                 }
-                // A slowloris head: no answer owed, drop the socket.
-                Verdict::SlowHead => return None,
-            },
+            }
         }
     }
 }
@@ -525,7 +546,9 @@ async fn serve_h2<I: ClientIo>(
 ) {
     let mut conn =
         Box::pin(http2_builder(&t).serve_connection(TokioIo::new(io), service(s, &info, clock)));
-    let mut tick = tokio::time::interval(t.tick.max(Duration::from_secs(1).min(t.idle / 2)));
+    // Slower than HTTP/1's (pings and window updates wake an HTTP/2 connection often):
+    // shutdown and idle_timeout are seen within half a second.
+    let mut tick = tokio::time::interval(t.tick.max(Duration::from_millis(500).min(t.idle / 2)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut closing = false;
     loop {

@@ -9,6 +9,8 @@
 //! connection task; it closes sockets whose idle budget ran out, and all of them at
 //! shutdown.
 
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::io;
 use std::net::TcpStream as StdTcpStream;
 use std::os::fd::AsRawFd;
@@ -53,26 +55,42 @@ impl Drop for ConnGuard {
 
 /// A parked connection: everything needed to serve it again.
 pub struct Parked {
+    /// Its slot and gauge count. First, so that they are given back before the socket
+    /// closes (fields drop in order): a client that sees the close finds the slot free.
+    pub guard: ConnGuard,
     /// The socket, out of the runtime's reactor.
     pub stream: StdTcpStream,
     /// Its addresses.
     pub info: Arc<ConnInfo>,
     /// When its last response ended (ms on the process clock).
     pub idle_since: u64,
-    /// Its slot and gauge count.
-    pub guard: ConnGuard,
 }
 
 struct Entry {
     conn: Parked,
-    /// Closed when the clock passes this (ms).
-    deadline: u64,
+    /// Tells this parking from an earlier one in the same slot.
+    parking: u64,
 }
 
 struct State {
     entries: Slab<Entry>,
+    /// (deadline ms, parking, key), earliest first. Entries that left the lot before
+    /// their deadline stay here until it passes (or the heap is rebuilt).
+    deadlines: BinaryHeap<Reverse<(u64, u64, usize)>>,
+    parkings: u64,
     /// Set at shutdown: nothing parks any more.
     closed: bool,
+}
+
+impl State {
+    /// Drops the deadlines of connections that left, once they outnumber the parked.
+    fn compact(&mut self) {
+        if self.deadlines.len() > 2 * self.entries.len() + 1024 {
+            let entries = &self.entries;
+            self.deadlines
+                .retain(|Reverse((_, p, k))| entries.get(*k).is_some_and(|e| e.parking == *p));
+        }
+    }
 }
 
 /// A listener's lot. Cheap to share: connection tasks park here from any thread.
@@ -99,6 +117,8 @@ impl Lot {
             registry: poll.registry().try_clone()?,
             state: Mutex::new(State {
                 entries: Slab::new(),
+                deadlines: BinaryHeap::new(),
+                parkings: 0,
                 closed: false,
             }),
         });
@@ -123,16 +143,21 @@ impl Lot {
         if st.closed {
             return Err(conn);
         }
+        st.parkings += 1;
+        let parking = st.parkings;
         let slot = st.entries.vacant_entry();
+        let key = slot.key();
         let fd = conn.stream.as_raw_fd();
         // Under the lock, so that an event for this token always finds its entry. A
         // socket that is already readable is reported at once.
         match self
             .registry
-            .register(&mut SourceFd(&fd), Token(slot.key()), Interest::READABLE)
+            .register(&mut SourceFd(&fd), Token(key), Interest::READABLE)
         {
             Ok(()) => {
-                slot.insert(Entry { conn, deadline });
+                slot.insert(Entry { conn, parking });
+                st.deadlines.push(Reverse((deadline, parking, key)));
+                st.compact();
                 Ok(())
             }
             Err(e) => {
@@ -142,30 +167,40 @@ impl Lot {
         }
     }
 
-    /// Takes the connections of `keys` out of the lot, their sockets out of its set.
+    /// Takes the connections of `keys` out of the lot, and their sockets out of its set
+    /// (outside the lock: they are ours now, open, and no longer reported to anyone).
     fn take(&self, keys: impl Iterator<Item = usize>, out: &mut Vec<Parked>) {
-        let mut st = self.state();
-        for key in keys {
-            if let Some(e) = st.entries.try_remove(key) {
-                let fd = e.conn.stream.as_raw_fd();
-                let _ = self.registry.deregister(&mut SourceFd(&fd));
-                out.push(e.conn);
-            }
+        let from = out.len();
+        {
+            let mut st = self.state();
+            out.extend(keys.filter_map(|key| st.entries.try_remove(key).map(|e| e.conn)));
+        }
+        for conn in &out[from..] {
+            let _ = self
+                .registry
+                .deregister(&mut SourceFd(&conn.stream.as_raw_fd()));
         }
     }
 
-    /// Takes the connections past their deadline. Their sockets leave the set as they
-    /// close.
+    /// Takes the connections past their deadline.
     fn expired(&self, now: u64, out: &mut Vec<Parked>) {
-        let mut st = self.state();
-        let keys: Vec<usize> = st
-            .entries
-            .iter()
-            .filter(|(_, e)| e.deadline <= now)
-            .map(|(k, _)| k)
-            .collect();
-        for key in keys {
-            out.push(st.entries.remove(key).conn);
+        let from = out.len();
+        {
+            let mut st = self.state();
+            while let Some(&Reverse((deadline, parking, key))) = st.deadlines.peek() {
+                if deadline > now {
+                    break;
+                }
+                st.deadlines.pop();
+                if st.entries.get(key).is_some_and(|e| e.parking == parking) {
+                    out.push(st.entries.remove(key).conn);
+                }
+            }
+        }
+        for conn in &out[from..] {
+            let _ = self
+                .registry
+                .deregister(&mut SourceFd(&conn.stream.as_raw_fd()));
         }
     }
 
@@ -173,6 +208,7 @@ impl Lot {
     fn close(&self) -> Vec<Parked> {
         let mut st = self.state();
         st.closed = true;
+        st.deadlines.clear();
         st.entries.drain().map(|e| e.conn).collect()
     }
 
@@ -188,7 +224,8 @@ impl Lot {
 }
 
 /// The lot's thread: waits on the set (at most [`SWEEP_EVERY`] at a time), hands back the
-/// connections whose sockets became readable, closes those past their deadline.
+/// connections whose sockets became readable, closes those past their deadline (the
+/// earliest deadlines first, so a sweep costs what expires, not what is parked).
 fn watch(
     lot: &Arc<Lot>,
     mut poll: Poll,
@@ -245,6 +282,7 @@ mod tests {
         let local: SocketAddr = server.local_addr().unwrap();
         let gauge = prometheus::IntGauge::new("t", "t").unwrap();
         let conn = Parked {
+            guard: ConnGuard::new(gauge, sem.clone().try_acquire_owned().unwrap()),
             stream: server,
             info: Arc::new(ConnInfo {
                 remote,
@@ -252,9 +290,15 @@ mod tests {
                 tls: None,
             }),
             idle_since: now_ms(),
-            guard: ConnGuard::new(gauge, sem.clone().try_acquire_owned().unwrap()),
         };
         (conn, client)
+    }
+
+    async fn recv(rx: &mut tokio::sync::mpsc::UnboundedReceiver<Parked>) -> Parked {
+        tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("handed back within 5 s")
+            .unwrap()
     }
 
     #[tokio::test]
@@ -273,11 +317,11 @@ mod tests {
         assert!(lot.park(a, Duration::from_secs(30)).is_ok());
         let (b, mut cb) = parked(&l, &sem);
         assert!(lot.park(b, Duration::from_secs(30)).is_ok());
-        let back = rx.recv().await.unwrap();
+        let back = recv(&mut rx).await;
         assert_eq!(back.info.remote, ca.local_addr().unwrap());
         assert_eq!(lot.len(), 1);
         cb.write_all(b"GET").unwrap();
-        let back2 = rx.recv().await.unwrap();
+        let back2 = recv(&mut rx).await;
         assert_eq!(back2.info.remote, cb.local_addr().unwrap());
         assert!(lot.is_empty());
         assert_eq!(
@@ -307,7 +351,7 @@ mod tests {
         assert!(lot.park(d, Duration::from_secs(30)).is_ok());
         shutdown.cancel();
         let t = std::time::Instant::now();
-        while !lot.is_empty() && t.elapsed() < Duration::from_secs(5) {
+        while sem.available_permits() < 8 && t.elapsed() < Duration::from_secs(5) {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert!(lot.is_empty());
@@ -315,5 +359,26 @@ mod tests {
         let (e, _ce) = parked(&l, &sem);
         assert!(lot.park(e, Duration::from_secs(30)).is_err());
         assert_eq!(woken.load(Ordering::Relaxed), 2);
+    }
+
+    #[tokio::test]
+    async fn deadlines_of_connections_that_left_do_not_pile_up() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let sem = Arc::new(tokio::sync::Semaphore::new(8));
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let lot = Lot::start(shutdown.clone(), Count(Arc::new(AtomicUsize::new(0)), tx)).unwrap();
+        let (mut conn, mut client) = parked(&l, &sem);
+        // One client parks and comes back 3,000 times, each time with a minute to go.
+        for _ in 0..3000 {
+            assert!(lot.park(conn, Duration::from_secs(60)).is_ok());
+            client.write_all(b"x").unwrap();
+            conn = recv(&mut rx).await;
+            let mut buf = [0u8; 8];
+            let _ = std::io::Read::read(&mut &conn.stream, &mut buf);
+        }
+        let heap = lot.state().deadlines.len();
+        assert!(heap <= 1024 + 2, "{heap} deadlines kept for one connection");
+        shutdown.cancel();
     }
 }
