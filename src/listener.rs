@@ -232,15 +232,7 @@ pub async fn accept_loop(
                         local,
                         tls: None,
                     });
-                    let clock = Clock::new(false);
-                    let io = Watched::new(stream, clock.clone());
-                    let conn = Conn {
-                        info,
-                        clock,
-                        guard,
-                        lot: lot.as_ref(),
-                        fresh: true,
-                    };
+                    let (io, conn) = Conn::accepted(stream, info, guard, lot.as_ref(), false);
                     Box::pin(serve_connection(io, conn, &s2, false)).await;
                 }
                 Some(cfg) => Box::pin(serve_tls(stream, cfg, remote, local, guard, &s2)).await,
@@ -271,15 +263,7 @@ async fn serve_tls(
                 tls: Some(proto),
             });
             let h2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");
-            let clock = Clock::new(h2);
-            let io = Watched::new(tls_stream, clock.clone());
-            let conn = Conn {
-                info,
-                clock,
-                guard,
-                lot: None,
-                fresh: true,
-            };
+            let (io, conn) = Conn::accepted(tls_stream, info, guard, None, h2);
             serve_connection(io, conn, s, h2).await;
         }
         Ok(Err(e)) => tracing::debug!(%remote, "TLS handshake failed: {e}"),
@@ -296,6 +280,28 @@ struct Conn<'a> {
     lot: Option<&'a Arc<Lot>>,
     /// Nothing read yet (a connection coming back from its lot has served requests).
     fresh: bool,
+}
+
+impl<'a> Conn<'a> {
+    /// A connection just accepted (and through its TLS handshake), with its clock started.
+    fn accepted<I>(
+        io: I,
+        info: Arc<ConnInfo>,
+        guard: ConnGuard,
+        lot: Option<&'a Arc<Lot>>,
+        h2: bool,
+    ) -> (Watched<I>, Conn<'a>) {
+        let clock = Clock::new(h2);
+        let io = Watched::new(io, clock.clone());
+        let conn = Conn {
+            info,
+            clock,
+            guard,
+            lot,
+            fresh: true,
+        };
+        (io, conn)
+    }
 }
 
 /// Serves a connection (plain or already TLS-terminated) to its end or until it parks in
