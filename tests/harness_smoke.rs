@@ -288,9 +288,10 @@ fn graceful_stop_finishes_in_flight_and_restart_keeps_addresses() {
     let sock = fpm.unix.clone().unwrap();
     let first_pid = fpm.pid();
 
-    // A request in flight across the SIGQUIT must still complete.
+    // A request in flight across the SIGQUIT must still complete. It sleeps long enough
+    // for the status polls below to see it on a loaded machine (1 s was missed once).
     let in_flight = std::thread::spawn(move || {
-        fcgi(tcp(addr), &as_refs(&script("/sleep.php", "ms=1000"))).body()
+        fcgi(tcp(addr), &as_refs(&script("/sleep.php", "ms=2500"))).body()
     });
     let deadline = Instant::now() + Duration::from_secs(10);
     while active_processes(addr) < 2 {
@@ -301,7 +302,7 @@ fn graceful_stop_finishes_in_flight_and_restart_keeps_addresses() {
     assert!(!process_alive(first_pid), "master {first_pid} still alive");
     let body = in_flight.join().unwrap();
     assert!(
-        body.contains("\"slept_ms\":1000"),
+        body.contains("\"slept_ms\":2500"),
         "in-flight answer: {body}"
     );
     assert!(
