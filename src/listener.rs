@@ -376,22 +376,7 @@ async fn serve_connection<I: ClientIo>(mut io: Watched<I>, c: Conn<'_>, s: &Serv
                     return;
                 }
                 // The lot cannot watch it: the connection waits in this task after all.
-                let stream = match TcpStream::from_std(back.stream) {
-                    Ok(stream) => stream,
-                    Err(e) => {
-                        tracing::debug!("cannot serve a connection again: {e}");
-                        return;
-                    }
-                };
-                let conn = Conn {
-                    info: back.info,
-                    clock: clock.clone(),
-                    guard: back.guard,
-                    lot: None,
-                    fresh: false,
-                };
-                let io = Watched::new(stream, clock);
-                return Box::pin(serve_connection(io, conn, s, false)).await;
+                return Box::pin(serve_unparked(back, None, s)).await;
             }
             Ok(Err(e)) => {
                 tracing::debug!("cannot park a connection: {e}");
@@ -408,27 +393,31 @@ struct Resumer(Serve, Handle);
 impl Resume for Resumer {
     fn resume(&self, lot: &Arc<Lot>, p: Parked) {
         let (s, lot) = (self.0.clone(), lot.clone());
-        let task = async move {
-            let stream = match TcpStream::from_std(p.stream) {
-                Ok(stream) => stream,
-                Err(e) => {
-                    tracing::debug!("cannot serve a parked connection again: {e}");
-                    return;
-                }
-            };
-            let clock = Clock::resumed(p.idle_since);
-            let io = Watched::new(stream, clock.clone());
-            let conn = Conn {
-                info: p.info,
-                clock,
-                guard: p.guard,
-                lot: Some(&lot),
-                fresh: false,
-            };
-            Box::pin(serve_connection(io, conn, &s, false)).await;
-        };
+        let task = async move { serve_unparked(p, Some(&lot), &s).await };
         self.0.tracker.spawn_on(task, &self.1);
     }
+}
+
+/// Serves a connection that was parked (or could not be) again, back in the runtime's
+/// reactor; it parks in `lot` when idle again.
+async fn serve_unparked(p: Parked, lot: Option<&Arc<Lot>>, s: &Serve) {
+    let stream = match TcpStream::from_std(p.stream) {
+        Ok(stream) => stream,
+        Err(e) => {
+            tracing::debug!("cannot serve a parked connection again: {e}");
+            return;
+        }
+    };
+    let clock = Clock::resumed(p.idle_since);
+    let io = Watched::new(stream, clock.clone());
+    let conn = Conn {
+        info: p.info,
+        clock,
+        guard: p.guard,
+        lot,
+        fresh: false,
+    };
+    Box::pin(serve_connection(io, conn, s, false)).await;
 }
 
 /// Whether a plaintext connection opens with the HTTP/2 preface. `None` on a read error.

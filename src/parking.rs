@@ -212,14 +212,10 @@ impl Lot {
         st.entries.drain().map(|e| e.conn).collect()
     }
 
-    /// How many connections are parked.
-    pub fn len(&self) -> usize {
-        self.state().entries.len()
-    }
-
     /// Whether no connection is parked.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
+        self.state().entries.is_empty()
     }
 }
 
@@ -319,7 +315,7 @@ mod tests {
         assert!(lot.park(b, Duration::from_secs(30)).is_ok());
         let back = recv(&mut rx).await;
         assert_eq!(back.info.remote, ca.local_addr().unwrap());
-        assert_eq!(lot.len(), 1);
+        assert_eq!(lot.state().entries.len(), 1);
         cb.write_all(b"GET").unwrap();
         let back2 = recv(&mut rx).await;
         assert_eq!(back2.info.remote, cb.local_addr().unwrap());

@@ -227,8 +227,9 @@ pub fn encode_request(
     script: (&str, &str, &str),
     body: &RequestBody,
 ) -> Bytes {
+    let apart = sent_apart(body).is_some();
     let body_len = match body {
-        RequestBody::Memory(b) if sent_apart(body).is_none() => {
+        RequestBody::Memory(b) if !apart => {
             b.len() + (b.len() / codec::MAX_CONTENT_LEN + 1) * codec::HEADER_LEN
         }
         _ => 0,
@@ -245,7 +246,7 @@ pub fn encode_request(
     params.finish();
     match body {
         // Large ones follow the wire buffer from their own (see `sent_apart`).
-        RequestBody::Memory(_) if sent_apart(body).is_some() => {}
+        RequestBody::Memory(_) if apart => {}
         RequestBody::Memory(b) => {
             codec::put_stdin(&mut wire, REQUEST_ID, b);
             codec::put_stdin_end(&mut wire, REQUEST_ID);
