@@ -227,11 +227,7 @@ pub async fn accept_loop(
             // parked plaintext connection should not carry a TLS session's.
             match tls {
                 None => {
-                    let info = Arc::new(ConnInfo {
-                        remote,
-                        local,
-                        tls: None,
-                    });
+                    let info = Arc::new(ConnInfo::new(remote, local, None));
                     let (io, conn) = Conn::accepted(stream, info, guard, lot.as_ref(), false);
                     Box::pin(serve_connection(io, conn, &s2, false)).await;
                 }
@@ -257,11 +253,7 @@ async fn serve_tls(
     match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
         Ok(Ok(tls_stream)) => {
             let proto = crate::tls::protocol_name(tls_stream.get_ref().1.protocol_version());
-            let info = Arc::new(ConnInfo {
-                remote,
-                local,
-                tls: Some(proto),
-            });
+            let info = Arc::new(ConnInfo::new(remote, local, Some(proto)));
             let h2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");
             let (io, conn) = Conn::accepted(tls_stream, info, guard, None, h2);
             serve_connection(io, conn, s, h2).await;

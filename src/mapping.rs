@@ -252,6 +252,14 @@ pub trait ParamSink {
     /// One request header; `name` is as received (lowercase from `http`).
     /// The sink writes `"HTTP_"` + upper case with `-` -> `_`.
     fn header(&mut self, name: &[u8], value: &[u8]);
+    /// One param whose value is `value` followed by `more`. The default joins them; a sink
+    /// that writes bytes out writes both parts without the temporary.
+    fn param_joined(&mut self, name: &[u8], value: &[u8], more: &[u8]) {
+        let mut joined = Vec::with_capacity(value.len() + more.len());
+        joined.extend_from_slice(value);
+        joined.extend_from_slice(more);
+        self.param(name, &joined);
+    }
 }
 
 /// What the connection and request line say about one request.
@@ -277,6 +285,9 @@ pub struct RequestFacts<'a> {
     pub remote: std::net::SocketAddr,
     /// Local address the request arrived on.
     pub local: std::net::SocketAddr,
+    /// `remote` and `local` already spelled out, when the connection's text applies (the
+    /// client address was not taken from a trusted proxy's header).
+    pub addr_text: Option<&'a AddrText>,
     /// Body length; `None` when the request has no body framing at all
     /// (CONTENT_LENGTH is then `""`, as nginx sends it).
     pub content_length: Option<u64>,
@@ -349,26 +360,34 @@ pub fn write_params(
     sink.param(b"SERVER_SOFTWARE", req.server_software.as_bytes());
     // Canonical form: a v4 client on a dual-stack socket is 1.2.3.4, not
     // ::ffff:1.2.3.4, as PHP apps (and nginx's default v6only listeners) expect.
-    sink.param(
-        b"REMOTE_ADDR",
-        ip_text(&mut num, req.remote.ip().to_canonical()),
-    );
-    sink.param(b"REMOTE_PORT", decimal(&mut num, req.remote.port().into()));
-    sink.param(
-        b"SERVER_ADDR",
-        ip_text(&mut num, req.local.ip().to_canonical()),
-    );
-    sink.param(b"SERVER_PORT", decimal(&mut num, req.local.port().into()));
+    match req.addr_text {
+        Some(t) => {
+            let [remote_ip, remote_port, local_ip, local_port] = t.parts();
+            sink.param(b"REMOTE_ADDR", remote_ip);
+            sink.param(b"REMOTE_PORT", remote_port);
+            sink.param(b"SERVER_ADDR", local_ip);
+            sink.param(b"SERVER_PORT", local_port);
+        }
+        None => {
+            sink.param(
+                b"REMOTE_ADDR",
+                ip_text(&mut num, req.remote.ip().to_canonical()),
+            );
+            sink.param(b"REMOTE_PORT", decimal(&mut num, req.remote.port().into()));
+            sink.param(
+                b"SERVER_ADDR",
+                ip_text(&mut num, req.local.ip().to_canonical()),
+            );
+            sink.param(b"SERVER_PORT", decimal(&mut num, req.local.port().into()));
+        }
+    }
     write_server_name(req.host, vhost.first_host, sink);
     sink.param(b"REDIRECT_STATUS", b"200");
 
     // nginx's `$document_root$fastcgi_script_name`, minus the double slash a
     // root configured with a trailing '/' would give.
     let root = vhost.root.trim_end_matches('/');
-    let mut filename = Vec::with_capacity(root.len() + script_name.len());
-    filename.extend_from_slice(root.as_bytes());
-    filename.extend_from_slice(script_name.as_bytes());
-    sink.param(b"SCRIPT_FILENAME", &filename);
+    sink.param_joined(b"SCRIPT_FILENAME", root.as_bytes(), script_name.as_bytes());
     sink.param(b"PATH_INFO", path_info.as_bytes());
     if let (true, Some(tls)) = (req.https, req.tls_protocol) {
         sink.param(b"SSL_PROTOCOL", tls.as_bytes());
@@ -466,6 +485,53 @@ fn decimal(buf: &mut [u8; 48], mut n: u64) -> &[u8] {
         if n == 0 {
             return &buf[i..];
         }
+    }
+}
+
+/// A connection's addresses as REMOTE_ADDR, REMOTE_PORT, SERVER_ADDR and SERVER_PORT spell
+/// them, formatted once per connection rather than once per request. One allocation:
+/// the four texts back to back, and where each ends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AddrText {
+    bytes: Box<[u8]>,
+    ends: [u8; 4],
+}
+
+impl AddrText {
+    /// Canonical forms, as the per-request path writes them: a v4 client on a dual-stack
+    /// socket is 1.2.3.4, not ::ffff:1.2.3.4.
+    pub fn new(remote: std::net::SocketAddr, local: std::net::SocketAddr) -> AddrText {
+        let mut num = [0u8; 48];
+        let mut bytes = Vec::with_capacity(32);
+        let mut ends = [0u8; 4];
+        let texts = [
+            (Some(remote.ip()), remote.port()),
+            (None, remote.port()),
+            (Some(local.ip()), local.port()),
+            (None, local.port()),
+        ];
+        for (end, (ip, port)) in ends.iter_mut().zip(texts) {
+            match ip {
+                Some(ip) => bytes.extend_from_slice(ip_text(&mut num, ip.to_canonical())),
+                None => bytes.extend_from_slice(decimal(&mut num, port.into())),
+            }
+            // Two addresses of at most 45 bytes and two ports of at most 5: under 256.
+            *end = u8::try_from(bytes.len()).unwrap_or(u8::MAX);
+        }
+        AddrText {
+            bytes: bytes.into_boxed_slice(),
+            ends,
+        }
+    }
+
+    /// Remote address, remote port, local address, local port.
+    pub fn parts(&self) -> [&[u8]; 4] {
+        let mut start = 0;
+        self.ends.map(|end| {
+            let part = self.bytes.get(start..usize::from(end)).unwrap_or_default();
+            start = usize::from(end);
+            part
+        })
     }
 }
 

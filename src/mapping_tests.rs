@@ -59,6 +59,7 @@ fn facts<'a>(uri: &'a str, headers: &'a HeaderMap) -> RequestFacts<'a> {
         tls_protocol: None,
         remote: "192.0.2.10:51234".parse().expect("addr"),
         local: "10.0.0.1:8080".parse().expect("addr"),
+        addr_text: None,
         content_length: None,
         server_software: "fpmgate/0.1.0",
     }
@@ -469,6 +470,32 @@ fn ipv6_addresses_without_brackets() {
         r.remote = "[::ffff:192.0.2.9]:1234".parse().expect("addr");
     });
     assert_eq!(p.val("REMOTE_ADDR"), "192.0.2.9");
+}
+
+#[test]
+fn connection_address_text_matches_per_request_formatting() {
+    for (remote, local) in [
+        ("192.0.2.10:51234", "10.0.0.1:8080"),
+        ("0.0.0.0:0", "255.255.255.255:65535"),
+        ("[2001:db8::7]:40000", "[2001:db8::1]:443"),
+        ("[::ffff:192.0.2.9]:1234", "[::1]:80"),
+        (
+            "[ffff:ffff:ffff:ffff:ffff:ffff:ffff:fffe]:65535",
+            "[ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255]:1",
+        ),
+    ] {
+        let h = HeaderMap::new();
+        let mut req = facts("/", &h);
+        req.remote = remote.parse().expect("addr");
+        req.local = local.parse().expect("addr");
+        let text = AddrText::new(req.remote, req.local);
+        let (mut formatted, mut from_text) = (VecSink::default(), VecSink::default());
+        let script = ("/index.php", "", "/index.php");
+        write_params(&req, &vhost("*", "/srv", EXTRA), script, &mut formatted);
+        req.addr_text = Some(&text);
+        write_params(&req, &vhost("*", "/srv", EXTRA), script, &mut from_text);
+        assert_eq!(from_text.0, formatted.0, "{remote} {local}");
+    }
 }
 
 #[test]

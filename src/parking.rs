@@ -280,11 +280,7 @@ mod tests {
         let conn = Parked {
             guard: ConnGuard::new(gauge, sem.clone().try_acquire_owned().unwrap()),
             stream: server,
-            info: Arc::new(ConnInfo {
-                remote,
-                local,
-                tls: None,
-            }),
+            info: Arc::new(ConnInfo::new(remote, local, None)),
             idle_since: now_ms(),
         };
         (conn, client)

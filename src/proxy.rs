@@ -16,7 +16,7 @@ use crate::access::{AccessRecord, Completion};
 use crate::body::{self, BodyLimits};
 use crate::config::{AccessLogFormat, Cidr};
 use crate::error::ProxyError;
-use crate::mapping::{self, LocalFile, RequestFacts, Resolved};
+use crate::mapping::{self, AddrText, LocalFile, RequestFacts, Resolved};
 use crate::metrics::Metrics;
 use crate::pool::balance::hash_bytes;
 use crate::respbody::{ProxyBody, ResponseBody};
@@ -40,6 +40,20 @@ pub struct ConnInfo {
     pub local: SocketAddr,
     /// TLS protocol name (`TLSv1.3`) when the connection is TLS.
     pub tls: Option<&'static str>,
+    /// `remote` and `local` as the FastCGI params spell them.
+    pub addr_text: AddrText,
+}
+
+impl ConnInfo {
+    /// A connection's facts, its addresses formatted once.
+    pub fn new(remote: SocketAddr, local: SocketAddr, tls: Option<&'static str>) -> ConnInfo {
+        ConnInfo {
+            remote,
+            local,
+            tls,
+            addr_text: AddrText::new(remote, local),
+        }
+    }
 }
 
 /// The request handler shared by every connection.
@@ -279,6 +293,7 @@ impl Proxy {
             tls_protocol: conn.tls,
             remote: SocketAddr::new(client, conn.remote.port()),
             local: conn.local,
+            addr_text: (client == conn.remote.ip()).then_some(&conn.addr_text),
             content_length,
             server_software: SERVER_SOFTWARE,
         };

@@ -20,10 +20,12 @@ pub enum ProxyBody {
     Empty,
     /// One buffer (error pages, admin answers).
     Full(Option<Bytes>),
-    /// PHP's output, streamed as FPM writes it.
-    Fcgi(FcgiBody),
+    /// PHP's output, streamed as FPM writes it. Boxed, as is the file: a response is moved
+    /// several times on its way out, and the small variants (the common whole-body case)
+    /// should not pay for copying the large ones.
+    Fcgi(Box<FcgiBody>),
     /// A static file streamed from disk.
-    File(FileBody),
+    File(Box<FileBody>),
 }
 
 impl ProxyBody {
@@ -44,8 +46,8 @@ impl http_body::Body for ProxyBody {
         match self.get_mut() {
             ProxyBody::Empty => Poll::Ready(None),
             ProxyBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
-            ProxyBody::Fcgi(f) => Pin::new(f).poll_frame(cx),
-            ProxyBody::File(f) => Pin::new(f).poll_frame(cx),
+            ProxyBody::Fcgi(f) => Pin::new(&mut **f).poll_frame(cx),
+            ProxyBody::File(f) => Pin::new(&mut **f).poll_frame(cx),
         }
     }
 
@@ -124,5 +126,14 @@ impl http_body::Body for ResponseBody {
 
     fn size_hint(&self) -> SizeHint {
         self.kind.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn streamed_bodies_are_boxed() {
+        // What a response costs to move: the head plus this.
+        assert!(std::mem::size_of::<super::ProxyBody>() <= 48);
     }
 }

@@ -123,11 +123,11 @@ pub async fn serve(
                     .await
                     .map_err(|_| ProxyError::NotFound)?;
             }
-            Response::new(ProxyBody::File(FileBody {
+            Response::new(ProxyBody::File(Box::new(FileBody {
                 file,
                 remaining: count,
                 buf: vec![0; CHUNK.min(count as usize).max(1)],
-            }))
+            })))
         };
         if let Some(Ok(Some((a, b)))) = range {
             *r.status_mut() = StatusCode::PARTIAL_CONTENT;

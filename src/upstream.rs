@@ -33,13 +33,19 @@ pub struct Upstream {
 }
 
 impl ParamSink for ParamsWriter<'_> {
-    #[inline]
+    // Inlined at each call site, where the name is a literal: its length and copy are
+    // constants there.
+    #[inline(always)]
     fn param(&mut self, name: &[u8], value: &[u8]) {
         self.add(name, value);
     }
     #[inline]
     fn header(&mut self, name: &[u8], value: &[u8]) {
         self.add_header(name, value);
+    }
+    #[inline]
+    fn param_joined(&mut self, name: &[u8], value: &[u8], more: &[u8]) {
+        self.add_joined(name, value, more);
     }
 }
 
@@ -131,7 +137,8 @@ pub async fn exchange(
         .await
         {
             Ok((head, rest, reusable)) => {
-                let header_secs = sent.elapsed().as_secs_f64();
+                let head_at = Instant::now();
+                let header_secs = head_at.saturating_duration_since(sent).as_secs_f64();
                 if seen.record {
                     ep.metrics.header_duration.observe(header_secs);
                 }
@@ -152,6 +159,7 @@ pub async fn exchange(
                     rest,
                     reusable,
                     cfg.timeouts.read,
+                    head_at,
                     Arc::clone(rid),
                     Box::new(admit),
                 );
@@ -172,7 +180,7 @@ pub async fn exchange(
                         drop(body);
                         ProxyBody::full(all)
                     }
-                    None => ProxyBody::Fcgi(body),
+                    None => ProxyBody::Fcgi(Box::new(body)),
                 };
                 let mut resp = Response::new(body);
                 *resp.status_mut() = code;

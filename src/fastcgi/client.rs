@@ -375,12 +375,14 @@ pub struct FcgiBody {
 }
 
 impl FcgiBody {
-    /// Wraps a connection whose response head has been read.
+    /// Wraps a connection whose response head was read at `head_at` (the read timeout
+    /// runs from there).
     pub fn new(
         conn: Conn,
         first: Bytes,
         reusable: bool,
         read_timeout: Duration,
+        head_at: Instant,
         request_id: std::sync::Arc<str>,
         guards: Box<dyn Send + Sync>,
     ) -> FcgiBody {
@@ -389,7 +391,7 @@ impl FcgiBody {
             pending: (!first.is_empty()).then_some(first),
             reusable,
             read_timeout,
-            last_progress: Instant::now(),
+            last_progress: head_at,
             sleep: None,
             request_id,
             declared: None,

@@ -211,6 +211,20 @@ fn params_writer_empty_is_single_terminator() {
 }
 
 #[test]
+fn cgi_name_maps_every_byte() {
+    let mut all: Vec<u8> = (0..=255u8).collect();
+    cgi_name(&mut all);
+    for (b, got) in (0..=255u8).zip(all) {
+        let want = if b == b'-' {
+            b'_'
+        } else {
+            b.to_ascii_uppercase()
+        };
+        assert_eq!(got, want, "byte {b:#04x}");
+    }
+}
+
+#[test]
 fn add_header_transforms_name() {
     let mut buf = BytesMut::new();
     let mut w = ParamsWriter::new(&mut buf, 1);
@@ -244,6 +258,26 @@ fn params_writer_crosses_record_boundary() {
             (b"BIG".to_vec(), big.clone()),
             (b"HTTP_COOKIE".to_vec(), big[..70_000].to_vec()),
             (b"Z".to_vec(), Vec::new()),
+        ]
+    );
+}
+
+#[test]
+fn add_joined_writes_one_value_from_two_parts() {
+    let big: Vec<u8> = (0..70_000u32).map(|i| (i % 251) as u8).collect();
+    let mut buf = BytesMut::new();
+    let mut w = ParamsWriter::new(&mut buf, 2);
+    w.add_joined(b"SCRIPT_FILENAME", b"/srv/app", b"/index.php");
+    w.add_joined(b"EMPTY_TAIL", b"abc", b"");
+    // Long enough to roll into a second record in the middle of the second part.
+    w.add_joined(b"LONG", &big[..100], &big[100..]);
+    w.finish();
+    assert_eq!(
+        decode_pairs(&params_stream(&buf, 2)).unwrap(),
+        vec![
+            (b"SCRIPT_FILENAME".to_vec(), b"/srv/app/index.php".to_vec()),
+            (b"EMPTY_TAIL".to_vec(), b"abc".to_vec()),
+            (b"LONG".to_vec(), big),
         ]
     );
 }
@@ -358,8 +392,14 @@ proptest! {
     ) {
         let mut buf = BytesMut::new();
         let mut w = ParamsWriter::new(&mut buf, id);
-        for (n, v) in &pairs {
-            w.add(n, v);
+        for (i, (n, v)) in pairs.iter().enumerate() {
+            // Every other pair as two parts, split anywhere.
+            if i % 2 == 1 {
+                let (a, b) = v.split_at(v.len() / 3);
+                w.add_joined(n, a, b);
+            } else {
+                w.add(n, v);
+            }
         }
         w.finish();
         prop_assert_eq!(decode_pairs(&params_stream(&buf, id)).unwrap(), pairs);

@@ -159,7 +159,14 @@ impl Endpoint {
     pub fn is_available(&self) -> bool {
         self.up.load(Ordering::Relaxed)
             && !self.draining.load(Ordering::Relaxed)
-            && self.ejected_until_ms.load(Ordering::Relaxed) <= now_ms()
+            && self.ejection_over()
+    }
+
+    /// No ejection is in force; the clock is read only if one ever was (once per request
+    /// on the hot path otherwise).
+    fn ejection_over(&self) -> bool {
+        let until = self.ejected_until_ms.load(Ordering::Relaxed);
+        until == 0 || until <= now_ms()
     }
 
     /// Whether a passive ejection is in force right now.

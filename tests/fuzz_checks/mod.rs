@@ -20,7 +20,7 @@ use fpmgate::fastcgi::codec::{
     ParamsWriter, Record, RecordType, HEADER_LEN, MAX_CONTENT_LEN, VERSION_1,
 };
 use fpmgate::mapping::{
-    normalize_path, resolve, split_script, write_params, LocalFile, MapError, ParamSink,
+    normalize_path, resolve, split_script, write_params, AddrText, LocalFile, MapError, ParamSink,
     RequestFacts, Resolved, VhostFacts,
 };
 use http::{HeaderMap, HeaderName, HeaderValue};
@@ -597,6 +597,7 @@ pub fn request_mapping(data: &[u8]) {
         tls_protocol: (flags & 0x02 != 0).then_some("TLSv1.3"),
         remote: SocketAddr::new(remote_ip, remote_port),
         local: SocketAddr::new(IpAddr::V4(Ipv4Addr::from(local_ip)), local_port),
+        addr_text: None,
         content_length: (flags & 0x08 != 0).then_some(content_length),
         server_software: "fpmgate/0.1.0",
     };
@@ -622,6 +623,25 @@ pub fn request_mapping(data: &[u8]) {
     // Whatever the caller passes as the script, the writer must not panic.
     let mut sink = Collect::default();
     write_params(&req, &vhost, (&raw_path, &query, &host), &mut sink);
+    // The connection's addresses formatted once say exactly what formatting them per
+    // request says.
+    let text = AddrText::new(req.remote, req.local);
+    let with_text = RequestFacts {
+        addr_text: Some(&text),
+        ..req
+    };
+    let mut from_text = Collect::default();
+    write_params(
+        &with_text,
+        &vhost,
+        (&raw_path, &query, &host),
+        &mut from_text,
+    );
+    assert_eq!(
+        from_text.0, sink.0,
+        "addresses {:?} {:?}",
+        req.remote, req.local
+    );
 }
 
 fn has_forbidden_byte(s: &str) -> bool {
@@ -757,7 +777,7 @@ enum Kind {
 }
 
 /// The plain sink: every call, in order.
-#[derive(Default)]
+#[derive(Default, Debug)]
 struct Collect(Vec<(Kind, Vec<u8>, Vec<u8>)>);
 
 impl ParamSink for Collect {
