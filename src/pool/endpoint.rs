@@ -418,9 +418,11 @@ impl Conn {
             if buf.capacity() > 2 * READ_BUF {
                 // A large response grew it: an idle connection keeps only the usual size.
                 buf = BytesMut::with_capacity(READ_BUF);
-            } else {
-                buf.reserve(READ_BUF);
             }
+            // Otherwise it goes back as it is: what is left of it takes the next response,
+            // and a read reserves more only when under 4 KiB remain. Reserving here would
+            // allocate anew on every request, since the response just read still shares
+            // the buffer until it has been sent.
             slot.endpoint.put_idle(stream, buf);
         }
         // Bytes left after END_REQUEST mean FPM sent something we did not ask for: close.
