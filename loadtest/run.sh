@@ -3,7 +3,7 @@
 # fast FastCGI responder. Each proxy runs one worker pinned to one core; the load generator
 # (and the responder) run on the other. See loadtest/README.md for the method.
 #
-#   loadtest/run.sh                  full run: 3 interleaved rounds, ~15 min → loadtest/RESULTS.md
+#   loadtest/run.sh                  full run: 3 interleaved rounds, ~17 min → loadtest/RESULTS.md
 #   loadtest/run.sh --quick          smoke run: 1 round, 2 s per run, ~2 min (report to stdout)
 #   loadtest/run.sh --only fast-h1,idle [--proxies nginx,fpmgate] [--rounds N] [--out FILE]
 #

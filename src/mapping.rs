@@ -491,7 +491,7 @@ fn decimal(buf: &mut [u8; 48], mut n: u64) -> &[u8] {
 /// A connection's addresses as REMOTE_ADDR, REMOTE_PORT, SERVER_ADDR and SERVER_PORT spell
 /// them, formatted once per connection rather than once per request. One allocation:
 /// the four texts back to back, and where each ends.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct AddrText {
     bytes: Box<[u8]>,
     ends: [u8; 4],
@@ -503,24 +503,18 @@ impl AddrText {
     pub fn new(remote: std::net::SocketAddr, local: std::net::SocketAddr) -> AddrText {
         let mut num = [0u8; 48];
         let mut bytes = Vec::with_capacity(32);
-        let mut ends = [0u8; 4];
-        let texts = [
-            (Some(remote.ip()), remote.port()),
-            (None, remote.port()),
-            (Some(local.ip()), local.port()),
-            (None, local.port()),
-        ];
-        for (end, (ip, port)) in ends.iter_mut().zip(texts) {
-            match ip {
-                Some(ip) => bytes.extend_from_slice(ip_text(&mut num, ip.to_canonical())),
-                None => bytes.extend_from_slice(decimal(&mut num, port.into())),
-            }
-            // Two addresses of at most 45 bytes and two ports of at most 5: under 256.
-            *end = u8::try_from(bytes.len()).unwrap_or(u8::MAX);
-        }
+        // Two addresses of at most 45 bytes and two ports of at most 5: under 256.
+        let end = |bytes: &Vec<u8>| u8::try_from(bytes.len()).unwrap_or(u8::MAX);
+        bytes.extend_from_slice(ip_text(&mut num, remote.ip().to_canonical()));
+        let remote_ip = end(&bytes);
+        bytes.extend_from_slice(decimal(&mut num, remote.port().into()));
+        let remote_port = end(&bytes);
+        bytes.extend_from_slice(ip_text(&mut num, local.ip().to_canonical()));
+        let local_ip = end(&bytes);
+        bytes.extend_from_slice(decimal(&mut num, local.port().into()));
         AddrText {
+            ends: [remote_ip, remote_port, local_ip, end(&bytes)],
             bytes: bytes.into_boxed_slice(),
-            ends,
         }
     }
 
