@@ -17,6 +17,7 @@ use tokio::time::{Instant, Sleep};
 
 use super::cgi::{CgiError, CgiHead, HeadParser};
 use super::codec::{self, ProtocolStatus, RecordType};
+use super::conn::READ_BUF;
 use crate::error::ProxyError;
 use crate::pool::Conn;
 
@@ -228,6 +229,12 @@ async fn read_head(
     log: LogCtx<'_>,
 ) -> Result<(CgiHead, Bytes, bool), Failure> {
     let Conn { stream, buf, .. } = conn;
+    // A response starts with a whole buffer of room. A kept connection came back with what
+    // was left of its buffer; by now the last response has usually been sent, and this
+    // takes the whole allocation back without allocating.
+    if buf.is_empty() && buf.capacity() < READ_BUF {
+        buf.reserve(READ_BUF);
+    }
     read_head_from(stream, buf, read_timeout, max_header, log).await
 }
 
@@ -285,7 +292,7 @@ async fn read_head_from<R: tokio::io::AsyncRead + Unpin>(
             },
             Ok(None) => {
                 if buf.capacity() - buf.len() < 4096 {
-                    buf.reserve(16 * 1024);
+                    buf.reserve(READ_BUF);
                 }
                 match tokio::time::timeout(read_timeout, rd.read_buf(buf)).await {
                     Err(_) => {

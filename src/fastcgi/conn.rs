@@ -10,6 +10,10 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 
+/// Read buffer of a FastCGI connection: room for a typical response in one read; it grows
+/// to a whole 64 KiB record only when FPM sends one.
+pub const READ_BUF: usize = 16 * 1024;
+
 /// A connected FastCGI socket.
 #[derive(Debug)]
 pub enum Stream {

@@ -17,7 +17,7 @@ use bytes::BytesMut;
 use tokio::time::Instant;
 
 use crate::config::{EndpointAddr, EndpointConfig};
-use crate::fastcgi::conn::{self, Stream, Target};
+use crate::fastcgi::conn::{self, Stream, Target, READ_BUF};
 use crate::metrics::EndpointMetrics;
 use crate::pool::fpm_status::FpmSnapshot;
 use crate::pool::health::EndpointHealth;
@@ -25,10 +25,6 @@ use crate::pool::Pool;
 
 /// Kept connections idle for less than this are reused without a liveness probe.
 const FRESH_IDLE: std::time::Duration = std::time::Duration::from_millis(100);
-
-/// Initial read buffer of a FastCGI connection: enough for a typical response in one read;
-/// it grows to a whole 64 KiB record only when FPM sends one.
-const READ_BUF: usize = 16 * 1024;
 
 struct Idle {
     stream: Stream,
@@ -419,10 +415,10 @@ impl Conn {
                 // A large response grew it: an idle connection keeps only the usual size.
                 buf = BytesMut::with_capacity(READ_BUF);
             }
-            // Otherwise it goes back as it is: what is left of it takes the next response,
-            // and a read reserves more only when under 4 KiB remain. Reserving here would
-            // allocate anew on every request, since the response just read still shares
-            // the buffer until it has been sent.
+            // Otherwise it goes back as it is. Reserving here would allocate anew on every
+            // request: the response just read still shares the buffer until it has been
+            // sent. The next request's first read makes room (`client::read_head`), when
+            // that response is usually gone and the room is taken back without allocating.
             slot.endpoint.put_idle(stream, buf);
         }
         // Bytes left after END_REQUEST mean FPM sent something we did not ask for: close.
