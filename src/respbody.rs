@@ -11,7 +11,7 @@ use http_body::{Frame, SizeHint};
 
 use crate::access::Completion;
 use crate::conn_clock::InFlight;
-use crate::fastcgi::client::FcgiBody;
+use crate::fastcgi::body::FcgiBody;
 use crate::static_files::FileBody;
 
 /// A response body.

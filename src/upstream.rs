@@ -13,7 +13,8 @@ use tokio::time::Instant;
 
 use crate::body::RequestBody;
 use crate::error::ProxyError;
-use crate::fastcgi::client::{self, FcgiBody, LogCtx, Outgoing, REQUEST_ID};
+use crate::fastcgi::body::FcgiBody;
+use crate::fastcgi::client::{self, LogCtx, Outgoing, REQUEST_ID};
 use crate::fastcgi::codec::{self, ParamsWriter};
 use crate::mapping::{self, ParamSink, RequestFacts, VhostFacts};
 use crate::metrics::Metrics;

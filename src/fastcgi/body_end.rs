@@ -6,7 +6,8 @@ use std::time::Duration;
 use tokio::io::AsyncReadExt;
 use tokio::time::Instant;
 
-use super::{log_stderr, FcgiBody, LogCtx};
+use super::FcgiBody;
+use crate::fastcgi::client::{log_stderr, LogCtx};
 use crate::fastcgi::codec::{self, ProtocolStatus, RecordType};
 use crate::pool::Conn;
 
