@@ -67,7 +67,7 @@ pub fn before_idle() {
 }
 
 /// Until shutdown: every [`TRIM_EVERY`], if connections parked before the last look and
-/// none since, asks every thread for a trim, trims this one, and for [`ROUNDS`] rounds
+/// none since, asks every thread for a trim, trims this one, and for `ROUNDS` rounds
 /// wakes the others (a few no-op tasks make idle runtime threads look for work; they run
 /// [`before_idle`] as they go idle again).
 pub async fn trim_after_parking(shutdown: CancellationToken) {
