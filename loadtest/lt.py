@@ -382,6 +382,11 @@ def cmd_record(args):
         rec["cpu_s"] = cpu_s
         if rec.get("requests"):
             rec["cpu_per_10k"] = cpu_s / rec["requests"] * 10000
+    if args.php_cpu0 is not None and args.php_cpu1 is not None and args.ticks:
+        php_s = (args.php_cpu1 - args.php_cpu0) / args.ticks
+        rec["php_cpu_s"] = php_s
+        if rec.get("requests"):
+            rec["php_cpu_per_10k"] = php_s / rec["requests"] * 10000
     if args.hwm is not None:
         rec["hwm_kib"] = args.hwm
     if args.tool in ("wrk", "h2load", "sat") and not rec.get("requests") and "error" not in rec:
@@ -454,7 +459,7 @@ def summarize(records):
             "good": len(good),
             "failures": [r["error"] for r in rs if "error" in r],
         }
-        for f in ("rps", "p50_ms", "p99_ms", "max_ms", "cpu_per_10k", "requests",
+        for f in ("rps", "p50_ms", "p99_ms", "max_ms", "cpu_per_10k", "php_cpu_per_10k", "requests",
                   "starved_conns", "pending_at_end", "pending_max_ms",
                   "conn_min_rps", "conn_mean_rps", "conn_fairness"):
             s[f] = _median([r.get(f) for r in good])
@@ -636,7 +641,9 @@ def cmd_report(args):
     L.append(
         "Medians of the rounds. In parentheses: the ratio to nginx (for req/s higher is "
         "better, for every other column lower is better). CPU = the proxy's CPU seconds "
-        "(user+system, all its processes) per 10,000 requests. Peak RSS = the proxy's VmHWM "
+        "(user+system, all its processes) per 10,000 requests. PHP CPU = the same for all "
+        "PHP-FPM workers, where PHP serves: what the proxy's way of talking FastCGI costs PHP "
+        "(the processes share the cores, so it is also throughput PHP loses). Peak RSS = the proxy's VmHWM "
         "summed over its processes, one fresh proxy per run. Errors = non-2xx answers + "
         "time-outs + connect errors, summed over the rounds."
     )
@@ -655,9 +662,10 @@ def cmd_report(args):
         L.append("## Throughput, latency, CPU, memory")
         L.append("")
         L.append(
-            "| scenario | proxy | req/s | p50 ms | p99 ms | CPU s/10k req | peak RSS MiB | errors |"
+            "| scenario | proxy | req/s | p50 ms | p99 ms | CPU s/10k req | PHP CPU s/10k req "
+            "| peak RSS MiB | errors |"
         )
-        L.append("|---|---|---|---|---|---|---|---|")
+        L.append("|---|---|---|---|---|---|---|---|---|")
         for sc in scenarios:
             base = summ.get((sc, "nginx"), {})
             for px in proxies:
@@ -665,7 +673,7 @@ def cmd_report(args):
                 if not s:
                     continue
                 if not s["good"]:
-                    L.append(f"| {sc} | {px} | failed: {_short(s['failures'][0])} | | | | | |")
+                    L.append(f"| {sc} | {px} | failed: {_short(s['failures'][0])} | | | | | | |")
                     continue
                 note = "" if s["good"] == s["rounds"] else f" ({s['rounds'] - s['good']} runs failed)"
                 L.append(
@@ -673,6 +681,7 @@ def cmd_report(args):
                     f"| {_cell(s['p50_ms'], base.get('p50_ms'))} "
                     f"| {_cell(s['p99_ms'], base.get('p99_ms'))} "
                     f"| {_cell(s['cpu_per_10k'], base.get('cpu_per_10k'), 3)} "
+                    f"| {_cell(s['php_cpu_per_10k'], base.get('php_cpu_per_10k'), 3)} "
                     f"| {_cell(s['hwm_mib'], base.get('hwm_mib'), 1)} "
                     f"| {s['errors_total']} |"
                 )
@@ -819,7 +828,9 @@ def cmd_line(args):
     print(
         head
         + f"{g('rps', ',.0f')} req/s  p50 {g('p50_ms', '.2f')} p99 {g('p99_ms', '.2f')} ms  "
-        + f"cpu/10k {g('cpu_per_10k', '.3f')} s  peak {r.get('hwm_kib', 0) // 1024} MiB  "
+        + f"cpu/10k {g('cpu_per_10k', '.3f')} s  "
+        + (f"php {g('php_cpu_per_10k', '.3f')} s  " if r.get("php_cpu_per_10k") else "")
+        + f"peak {r.get('hwm_kib', 0) // 1024} MiB  "
         + f"errors {r.get('errors', 0)}"
     )
 
@@ -867,6 +878,8 @@ def main():
     p.add_argument("--cpu1", type=int)
     p.add_argument("--ticks", type=int, default=os.sysconf("SC_CLK_TCK"))
     p.add_argument("--hwm", type=int)
+    p.add_argument("--php-cpu0", type=int)
+    p.add_argument("--php-cpu1", type=int)
     p.add_argument("--error")
     p.set_defaults(fn=cmd_record)
     p = sub.add_parser("line")

@@ -470,7 +470,7 @@ RESULTS=$RUN/results.jsonl
 run_one() { # scenario proxy round
     local sc=$1 px=$2 rd=$3
     local base=$RUN/out/$sc.$px.$rd
-    local err="" tool=none c0="" c1="" hwm=""
+    local err="" tool=none c0="" c1="" hwm="" f0="" f1="" fpids=""
     if ! start_proxy "$px" "$base.proxy.log"; then
         err="$px did not start: $(tail -n 3 "$base.proxy.log" | tr '\n' ' ')"
     elif ! err=$(check_response "$sc"); then
@@ -481,9 +481,13 @@ run_one() { # scenario proxy round
         err=""
         local pids
         pids=$(proxy_cpu_pids)
+        # PHP's CPU too where PHP serves: what the proxy makes PHP spend per request.
+        case "$sc" in fast-*|idle-*) ;; *) fpids=$(pgrep -P "$FPM_PID" 2>/dev/null || true) ;; esac
+        [ -n "$fpids" ] && f0=$($LT cpu $fpids)
         c0=$($LT cpu $pids)
         tool=$(measure "$sc" "$base.out" "$base.h2log") || true
         c1=$($LT cpu $pids)
+        [ -n "$fpids" ] && f1=$($LT cpu $fpids)
         hwm=$($LT hwm $(proxy_mem_pids))
         if [ "$tool" = h2load ] && ! grep -q 'Application protocol: h2' "$base.out"; then
             err="h2load did not negotiate h2"
@@ -493,6 +497,7 @@ run_one() { # scenario proxy round
     wait_drain
     local rec=(--scenario "$sc" --proxy "$px" --round "$rd" --tool "$tool" --out "$base.out" --log "$base.h2log")
     [ -n "$c0" ] && rec+=(--cpu0 "$c0" --cpu1 "$c1" --hwm "$hwm")
+    [ -n "$f0" ] && rec+=(--php-cpu0 "$f0" --php-cpu1 "$f1")
     [ -n "$err" ] && rec+=(--error "$err")
     $LT record "${rec[@]}" >>"$RESULTS"
     rm -f "$base.h2log"
@@ -500,14 +505,20 @@ run_one() { # scenario proxy round
 }
 
 # ---------------------------------------------------------------------------------------
-# Main loop: rounds × scenarios × proxies, interleaved (A B C D A B C D ...).
+# Main loop: rounds × scenarios × proxies, interleaved, each round starting one proxy later
+# (A B C D, B C D A, C D A B ...): no proxy always runs first or right after the same peer.
 
 START=$(date +%s)
 log "mode $MODE, $ROUNDS round(s); scenarios:$SCENARIOS; proxies: $PROXIES"
 LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
+read -r -a PROXY_LIST <<<"$PROXIES"
 for ((round = 1; round <= ROUNDS; round++)); do
+    ORDER=()
+    for ((i = 0; i < ${#PROXY_LIST[@]}; i++)); do
+        ORDER+=("${PROXY_LIST[(i + round - 1) % ${#PROXY_LIST[@]}]}")
+    done
     for sc in $SCENARIOS; do
-        for px in $PROXIES; do
+        for px in "${ORDER[@]}"; do
             # h2o cannot balance FastCGI: half the workers of the others (see h2o.conf.in).
             [ "$px" = h2o ] && [ "$sc" = saturation ] && continue
             run_one "$sc" "$px" "$round"
