@@ -408,6 +408,8 @@ SCENARIO_TITLES = {
 LOAD_SCENARIOS = list(SCENARIO_TITLES)
 PROXY_ORDER = ["nginx", "haproxy", "h2o", "caddy", "fpmgate"]
 PEERS = ["nginx", "haproxy", "h2o", "caddy"]
+# Slowest connection's rate / the mean below this: the proxy left some connections unserved.
+FAIR_MIN = 0.5
 
 
 def _median(vals):
@@ -567,11 +569,27 @@ def _targets(summ, proxies, records=()):
         if bp and fg_rps:
             p99s = [get(sc, p, "p99_ms") for p in PEERS if p in proxies and get(sc, p, "p99_ms")]
             lo = min(p99s) if p99s else None
+            text = (
+                f"{fg_rps / bp_rps:.2f}× {bp} req/s{rounds(sc, bp)}; p99 {_fmt(fg_p99)} ms vs lowest peer "
+                f"{_fmt(lo)} ms"
+            )
+            # A peer that leaves some connections unserved has figures of the served ones
+            # only (see the fairness table): say how fpmgate compares with the others too.
+            unfair = [p for p in PEERS if p in proxies
+                      and get(sc, p, "conn_fairness") is not None
+                      and get(sc, p, "conn_fairness") < FAIR_MIN]
+            fair = [p for p in PEERS if p in proxies and p not in unfair and get(sc, p, "rps")]
+            if unfair and fair:
+                fb = max(fair, key=lambda p: get(sc, p, "rps"))
+                flo = min((get(sc, p, "p99_ms") for p in fair if get(sc, p, "p99_ms")), default=None)
+                text += (
+                    f" ({', '.join(unfair)} left connections unserved; against the others: "
+                    f"{fg_rps / get(sc, fb, 'rps'):.2f}× {fb}, lowest p99 {_fmt(flo)} ms)"
+                )
             rows.append(
                 (
                     f"{sc}: ≥ best peer req/s, p99 ≤ best peer p99",
-                    f"{fg_rps / bp_rps:.2f}× {bp} req/s{rounds(sc, bp)}; p99 {_fmt(fg_p99)} ms vs lowest peer "
-                    f"{_fmt(lo)} ms",
+                    text,
                     verdict(fg_rps >= bp_rps and lo is not None and fg_p99 is not None and fg_p99 <= lo),
                 )
             )
