@@ -83,7 +83,6 @@ async fn serve(path: PathBuf, config: Config) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let metrics = Arc::new(Metrics::new());
-    let grace = config.shutdown_grace;
     let max_conns = config.limits.max_connections;
     let listeners = config.listeners.clone();
     let admin_cfg = config.admin.clone();
@@ -179,6 +178,8 @@ async fn serve(path: PathBuf, config: Config) -> anyhow::Result<()> {
         }
     }
 
+    // The grace of the config in force now: a reload may have changed it.
+    let grace = shared.load().config.shutdown_grace;
     tracing::info!(
         grace_secs = grace.as_secs_f64(),
         "shutting down: draining in-flight requests"

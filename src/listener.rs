@@ -59,19 +59,30 @@ struct Timers {
     max_head: usize,
     /// The watchdog's period while a server runs.
     tick: Duration,
+    /// The HTTP/2 watchdog's period.
+    h2_tick: Duration,
 }
 
 impl Timers {
-    fn new(limits: &Limits) -> Timers {
+    fn new(limits: &Limits, shutdown_grace: Duration) -> Timers {
         // Half the shorter timeout, so either fires within 1.5x of its setting; at most
         // PARK_AFTER, so an idle connection parks soon after it went quiet.
         let tick = (limits.header_timeout.min(limits.idle_timeout) / 2)
             .clamp(Duration::from_millis(50), PARK_AFTER);
+        // Slower for HTTP/2 (pings and window updates wake its connections often): within
+        // half a second, and within a quarter of a short shutdown grace, so that a
+        // connection sends its GOAWAY before the grace ends and the process exits (the
+        // grace in force when the connection was accepted).
+        let h2_tick = tick
+            .max(Duration::from_millis(500).min(limits.idle_timeout / 2))
+            .min(shutdown_grace / 4)
+            .max(Duration::from_millis(10));
         Timers {
             header: limits.header_timeout,
             idle: limits.idle_timeout,
             max_head: limits.max_header_bytes,
             tick,
+            h2_tick,
         }
     }
 }
@@ -304,7 +315,10 @@ impl<'a> Conn<'a> {
 /// state, see [`PARK_AFTER`]) and served (hyper's HTTP/1 server, until it has been idle
 /// for `PARK_AFTER`); an HTTP/2 connection is served to its end.
 async fn serve_connection<I: ClientIo>(mut io: Watched<I>, c: Conn<'_>, s: &Serve, h2: bool) {
-    let t = Timers::new(s.proxy.shared.load().limits());
+    let t = {
+        let rt = s.proxy.shared.load();
+        Timers::new(rt.limits(), rt.config.shutdown_grace)
+    };
     let Conn {
         info,
         clock,
@@ -533,9 +547,7 @@ async fn serve_h2<I: ClientIo>(
 ) {
     let mut conn =
         Box::pin(http2_builder(&t).serve_connection(TokioIo::new(io), service(s, &info, clock)));
-    // Slower than HTTP/1's (pings and window updates wake an HTTP/2 connection often):
-    // shutdown and idle_timeout are seen within half a second.
-    let mut tick = tokio::time::interval(t.tick.max(Duration::from_millis(500).min(t.idle / 2)));
+    let mut tick = tokio::time::interval(t.h2_tick);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut closing = false;
     loop {

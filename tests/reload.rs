@@ -1,7 +1,8 @@
 //! Hot reload under load and graceful shutdown: config rewrites (by rename, as editors do)
 //! switch a vhost between pools without a failed request; a broken config is rejected and
 //! counted while the old one keeps serving; state that did not change survives; SIGTERM
-//! lets in-flight requests finish.
+//! lets in-flight requests finish within the grace in force (also one set by a reload), and
+//! HTTP/2 clients get a GOAWAY first even when the grace is short.
 
 mod support;
 
@@ -215,6 +216,92 @@ async fn sigterm_lets_in_flight_requests_finish() {
         .wait_exit(Duration::from_secs(10))
         .expect("fpmgate exited");
     assert!(status.success(), "{status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_grace_changed_by_reload_bounds_the_drain() {
+    let (a, b) = (fpm("a", 2), fpm("b", 1));
+    let cfg = config(&a, &b, "a").replace("shutdown_grace: 10s", "shutdown_grace: 60s");
+    let mut g = Gate::start(&cfg);
+    g.rewrite_config(&cfg.replace("shutdown_grace: 60s", "shutdown_grace: 1s"));
+    g.signal("HUP");
+    assert!(g.wait_for_log("config reloaded", Duration::from_secs(5)));
+    let req = tokio::spawn(client().get(g.url("/sleep.php?ms=8000")).send());
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    g.signal("TERM");
+    let status = g
+        .wait_exit(Duration::from_secs(30))
+        .expect("fpmgate exited");
+    assert!(status.success(), "{status:?}");
+    // With the grace it started with (60 s) the request would have finished with a 200.
+    assert!(
+        g.logs()
+            .iter()
+            .any(|l| l.contains("shutdown grace elapsed with requests still in flight")),
+        "{:?}",
+        g.logs()
+    );
+    let cut = match req.await.unwrap() {
+        Err(_) => true,
+        Ok(r) => r.bytes().await.is_err(),
+    };
+    assert!(cut, "the 8 s request outlived a 1 s grace");
+}
+
+/// Reads HTTP/2 frames until the server closes; returns their types.
+async fn frame_types_until_close(sock: &mut tokio::net::TcpStream) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut types = Vec::new();
+    let mut head = [0u8; 9];
+    while sock.read_exact(&mut head).await.is_ok() {
+        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+        let mut payload = vec![0u8; len];
+        if sock.read_exact(&mut payload).await.is_err() {
+            break;
+        }
+        types.push(head[3]);
+    }
+    types
+}
+
+#[tokio::test]
+async fn http2_connections_get_goaway_within_a_short_grace() {
+    use tokio::io::AsyncWriteExt;
+    let (a, b) = (fpm("a", 1), fpm("b", 1));
+    let mut g =
+        Gate::start(&config(&a, &b, "a").replace("shutdown_grace: 10s", "shutdown_grace: 400ms"));
+    let addr = g.url("").trim_start_matches("http://").to_string();
+    let mut sock = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    // h2c with prior knowledge: the preface and an empty SETTINGS frame, then its ACK of
+    // the server's SETTINGS once that has arrived.
+    sock.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .unwrap();
+    let mut first = [0u8; 9];
+    tokio::io::AsyncReadExt::read_exact(&mut sock, &mut first)
+        .await
+        .unwrap();
+    assert_eq!(first[3], 4, "the server starts with SETTINGS");
+    let len = u32::from_be_bytes([0, first[0], first[1], first[2]]) as usize;
+    let mut payload = vec![0u8; len];
+    tokio::io::AsyncReadExt::read_exact(&mut sock, &mut payload)
+        .await
+        .unwrap();
+    sock.write_all(b"\0\0\0\x04\x01\0\0\0\0").await.unwrap();
+    // At once: the connection's watchdog has just made its first check, and its next must
+    // come within the grace.
+    g.signal("TERM");
+    let types = tokio::time::timeout(Duration::from_secs(10), frame_types_until_close(&mut sock))
+        .await
+        .expect("the connection closed");
+    assert!(
+        types.contains(&7),
+        "no GOAWAY before the close: frame types {types:?}"
+    );
+    assert!(g
+        .wait_exit(Duration::from_secs(10))
+        .expect("exited")
+        .success());
 }
 
 #[tokio::test]
