@@ -660,8 +660,9 @@ def cmd_report(args):
         "Medians of the rounds. In parentheses: the ratio to nginx (for req/s higher is "
         "better, for every other column lower is better). CPU = the proxy's CPU seconds "
         "(user+system, all its processes) per 10,000 requests. PHP CPU = the same for all "
-        "PHP-FPM workers, where PHP serves: what the proxy's way of talking FastCGI costs PHP "
-        "(the processes share the cores, so it is also throughput PHP loses). Peak RSS = the proxy's VmHWM "
+        "PHP-FPM workers, where PHP serves: what PHP spent per request behind that proxy. It "
+        "grows with how many requests the proxy has PHP run at once, and with the machine's "
+        "load; PHP shares the cores with the proxy, so it is also throughput lost. Peak RSS = the proxy's VmHWM "
         "summed over its processes, one fresh proxy per run. Errors = non-2xx answers + "
         "time-outs + connect errors, summed over the rounds."
     )
