@@ -481,7 +481,7 @@ run_one() { # scenario proxy round
         err=""
         local pids
         pids=$(proxy_cpu_pids)
-        # PHP's CPU too where PHP serves: what the proxy makes PHP spend per request.
+        # PHP's CPU too where PHP serves: what PHP spends per request behind this proxy.
         case "$sc" in fast-*|idle-*) ;; *) fpids=$(pgrep -P "$FPM_PID" 2>/dev/null || true) ;; esac
         [ -n "$fpids" ] && f0=$($LT cpu $fpids)
         c0=$($LT cpu $pids)

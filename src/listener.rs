@@ -72,11 +72,12 @@ impl Timers {
         // Slower for HTTP/2 (pings and window updates wake its connections often): within
         // half a second, and within a quarter of a short shutdown grace, so that a
         // connection sends its GOAWAY before the grace ends and the process exits (the
-        // grace in force when the connection was accepted).
+        // grace in force when the connection was accepted). Never under 50 ms, HTTP/1's
+        // floor: a zero grace must not make every HTTP/2 connection wake 100 times a second.
         let h2_tick = tick
             .max(Duration::from_millis(500).min(limits.idle_timeout / 2))
             .min(shutdown_grace / 4)
-            .max(Duration::from_millis(10));
+            .max(Duration::from_millis(50));
         Timers {
             header: limits.header_timeout,
             idle: limits.idle_timeout,

@@ -248,20 +248,15 @@ async fn shutdown_grace_changed_by_reload_bounds_the_drain() {
     assert!(cut, "the 8 s request outlived a 1 s grace");
 }
 
-/// Reads HTTP/2 frames until the server closes; returns their types.
-async fn frame_types_until_close(sock: &mut tokio::net::TcpStream) -> Vec<u8> {
+/// Reads one HTTP/2 frame; its type, or `None` once the server has closed.
+async fn read_frame(sock: &mut tokio::net::TcpStream) -> Option<u8> {
     use tokio::io::AsyncReadExt;
-    let mut types = Vec::new();
     let mut head = [0u8; 9];
-    while sock.read_exact(&mut head).await.is_ok() {
-        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
-        let mut payload = vec![0u8; len];
-        if sock.read_exact(&mut payload).await.is_err() {
-            break;
-        }
-        types.push(head[3]);
-    }
-    types
+    sock.read_exact(&mut head).await.ok()?;
+    let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+    let mut payload = vec![0u8; len];
+    sock.read_exact(&mut payload).await.ok()?;
+    Some(head[3])
 }
 
 #[tokio::test]
@@ -277,23 +272,23 @@ async fn http2_connections_get_goaway_within_a_short_grace() {
     sock.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
         .await
         .unwrap();
-    let mut first = [0u8; 9];
-    tokio::io::AsyncReadExt::read_exact(&mut sock, &mut first)
-        .await
-        .unwrap();
-    assert_eq!(first[3], 4, "the server starts with SETTINGS");
-    let len = u32::from_be_bytes([0, first[0], first[1], first[2]]) as usize;
-    let mut payload = vec![0u8; len];
-    tokio::io::AsyncReadExt::read_exact(&mut sock, &mut payload)
-        .await
-        .unwrap();
+    assert_eq!(
+        read_frame(&mut sock).await,
+        Some(4),
+        "the server starts with SETTINGS"
+    );
     sock.write_all(b"\0\0\0\x04\x01\0\0\0\0").await.unwrap();
     // At once: the connection's watchdog has just made its first check, and its next must
     // come within the grace.
     g.signal("TERM");
-    let types = tokio::time::timeout(Duration::from_secs(10), frame_types_until_close(&mut sock))
-        .await
-        .expect("the connection closed");
+    let mut types = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(t) = read_frame(&mut sock).await {
+            types.push(t);
+        }
+    })
+    .await
+    .expect("the connection closed");
     assert!(
         types.contains(&7),
         "no GOAWAY before the close: frame types {types:?}"
