@@ -512,8 +512,10 @@ run_one() { # scenario proxy round
 }
 
 # ---------------------------------------------------------------------------------------
-# Main loop: rounds × scenarios × proxies, interleaved, each round starting one proxy later
-# (A B C D, B C D A, C D A B ...): no proxy always runs first or right after the same peer.
+# Main loop: rounds × scenarios × proxies, interleaved. Each round starts one proxy later,
+# and every second round runs backwards (A B C D E, A E D C B, C D E A B, ...): no proxy
+# always runs at the same place, and none always right after the same peer (rotation alone
+# keeps every proxy's predecessor).
 
 START=$(date +%s)
 log "mode $MODE, $ROUNDS round(s); scenarios:$SCENARIOS; proxies: $PROXIES"
@@ -521,8 +523,13 @@ LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
 read -r -a PROXY_LIST <<<"$PROXIES"
 for ((round = 1; round <= ROUNDS; round++)); do
     ORDER=()
-    for ((i = 0; i < ${#PROXY_LIST[@]}; i++)); do
-        ORDER+=("${PROXY_LIST[(i + round - 1) % ${#PROXY_LIST[@]}]}")
+    NPX=${#PROXY_LIST[@]}
+    for ((i = 0; i < NPX; i++)); do
+        if ((round % 2 == 0)); then
+            ORDER+=("${PROXY_LIST[(NPX - 1 - i + round - 1) % NPX]}")
+        else
+            ORDER+=("${PROXY_LIST[(i + round - 1) % NPX]}")
+        fi
     done
     for sc in $SCENARIOS; do
         for px in "${ORDER[@]}"; do
