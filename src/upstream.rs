@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use http::{header, Method, Response};
+use http::{header, Method, Response, StatusCode};
 use tokio::time::Instant;
 
 use crate::body::RequestBody;
@@ -80,12 +80,18 @@ pub async fn exchange(
             None => {
                 // Admitted but every endpoint is full: possible for a moment right after a
                 // reload rebuilt the pool while old requests still hold their slots.
-                if pool.endpoints.iter().any(|e| e.is_available()) && Instant::now() < slot_deadline
-                {
+                let available = pool.endpoints.iter().any(|e| e.is_available());
+                if available && Instant::now() < slot_deadline {
                     tokio::time::sleep(std::time::Duration::from_millis(2)).await;
                     continue;
                 }
-                return Err(ProxyError::NoHealthy);
+                // Waited as long as the queue would have: say so, rather than "no healthy
+                // endpoint" while healthy ones are merely busy.
+                return Err(if available {
+                    ProxyError::QueueTimeout
+                } else {
+                    ProxyError::NoHealthy
+                });
             }
         };
         let ep = Arc::clone(slot.endpoint());
@@ -164,12 +170,12 @@ pub async fn exchange(
                     Arc::clone(rid),
                     Box::new(admit),
                 );
-                body.set_declared_length(
-                    head.headers
-                        .get(http::header::CONTENT_LENGTH)
-                        .and_then(|v| v.to_str().ok())
-                        .and_then(|v| v.parse().ok()),
-                );
+                let declared: Option<u64> = head
+                    .headers
+                    .get(http::header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse().ok());
+                body.set_declared_length(declared);
                 let whole = if method == Method::HEAD {
                     None
                 } else {
@@ -179,7 +185,7 @@ pub async fn exchange(
                     Some(all) => {
                         // Spent: dropping it frees the pool place now.
                         drop(body);
-                        ProxyBody::full(all)
+                        ProxyBody::full(fit_declared(all, declared, code, rid)?)
                     }
                     None => ProxyBody::Fcgi(Box::new(body)),
                 };
@@ -278,6 +284,40 @@ fn sent_apart(body: &RequestBody) -> Option<&[u8]> {
         RequestBody::Memory(b) if b.len() > SEND_APART_OVER => Some(b),
         _ => None,
     }
+}
+
+/// A whole body against the script's `Content-Length`, before anything is sent: the header
+/// frames the response on the wire, so a body longer than declared is cut to the declared
+/// length (what a client reading the header takes anyway; the rest would otherwise be read
+/// as the start of the next response on the connection), and a shorter one is a truncated
+/// response, answered 502 rather than sent as a complete-looking one. 204 and 304 carry no
+/// body whatever the header says.
+fn fit_declared(
+    mut all: Bytes,
+    declared: Option<u64>,
+    code: StatusCode,
+    rid: &str,
+) -> Result<Bytes, ProxyError> {
+    let Some(declared) = declared else {
+        return Ok(all);
+    };
+    if code == StatusCode::NO_CONTENT || code == StatusCode::NOT_MODIFIED {
+        return Ok(all);
+    }
+    let sent = all.len() as u64;
+    if sent > declared {
+        tracing::warn!(
+            request_id = rid,
+            "the script declared Content-Length {declared} but sent {sent} bytes: sending the first {declared}"
+        );
+        // declared < sent ≤ usize::MAX.
+        all.truncate(declared as usize);
+    } else if sent < declared {
+        return Err(ProxyError::UpstreamProtocol(format!(
+            "the script declared Content-Length {declared} but sent {sent} bytes"
+        )));
+    }
+    Ok(all)
 }
 
 async fn drain_head(resp: Response<ProxyBody>) -> Response<ProxyBody> {

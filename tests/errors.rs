@@ -113,6 +113,16 @@ async fn truncated_response_is_not_a_short_success() {
         resp.bytes().await.is_err(),
         "the client must see the body fail, not end cleanly"
     );
+    // An END_REQUEST that says the request did not complete, after some body: the client
+    // sees the response fail (here all of it arrives at once, so hyper drops the connection
+    // before even the head is out).
+    let f = FakeFpm::start(Mode::UncleanEnd);
+    let g = gate(&f.addr.to_string(), "", "");
+    let whole = match client().get(g.url("/x.php")).send().await {
+        Err(_) => false,
+        Ok(resp) => resp.bytes().await.is_ok(),
+    };
+    assert!(!whole, "an unclean end is not a success");
 }
 
 #[tokio::test]
@@ -341,4 +351,53 @@ vhosts:
     );
     assert_eq!(slow.await.unwrap().unwrap().status(), 200);
     assert_eq!(gateway_errors(&g2, 503, "queue_timeout").await, 1);
+}
+
+/// Two requests on one keep-alive connection, the raw bytes of both answers.
+async fn two_on_one_connection(g: &Gate, first: &str, second: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut sock = tokio::net::TcpStream::connect(g.http).await.unwrap();
+    let req = format!(
+        "GET {first} HTTP/1.1\r\nHost: t\r\n\r\nGET {second} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+    );
+    sock.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), sock.read_to_end(&mut out))
+        .await
+        .expect("the connection ends after the second answer")
+        .unwrap();
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn script_content_length_frames_the_response() {
+    let g = gate(&shared_fpm().endpoint(), "", "");
+    // Longer than declared: the client gets the declared length, and the rest is not read
+    // as the start of the next response on the connection.
+    let raw = two_on_one_connection(&g, "/length.php?declared=2&body=hello", "/index.php").await;
+    let (first, second) = raw
+        .split_once("\r\n\r\nhe")
+        .unwrap_or_else(|| panic!("no first body:\n{raw}"));
+    assert!(first.starts_with("HTTP/1.1 200"), "{raw}");
+    assert!(
+        first.to_ascii_lowercase().contains("content-length: 2\r"),
+        "{raw}"
+    );
+    assert!(
+        second.starts_with("HTTP/1.1 200"),
+        "the bytes after the declared length must be the next response:\n{raw}"
+    );
+    // Shorter than declared: a truncated response, 502, not a 200 the client waits on.
+    let raw = two_on_one_connection(&g, "/length.php?declared=100&body=hello", "/index.php").await;
+    assert!(raw.starts_with("HTTP/1.1 502"), "{raw}");
+    assert!(!raw.contains("hello"), "{raw}");
+    assert_eq!(gateway_errors(&g, 502, "protocol").await, 1);
+    // Right: untouched.
+    let resp = client()
+        .get(g.url("/length.php?declared=5&body=hello"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.text().await.unwrap(), "hello");
 }

@@ -180,10 +180,22 @@ impl http_body::Body for FcgiBody {
                         },
                     ),
                     RecordType::EndRequest => {
+                        let end = codec::parse_end_request(&rec.content);
+                        if !end
+                            .as_ref()
+                            .is_ok_and(|e| e.protocol_status == ProtocolStatus::RequestComplete)
+                        {
+                            // The body so far is not the whole response: fail, not end.
+                            return this.fail(match end {
+                                Ok(e) => format!(
+                                    "FPM ended the request with protocol status {:?}",
+                                    e.protocol_status
+                                ),
+                                Err(e) => format!("malformed END_REQUEST: {e}"),
+                            });
+                        }
                         let conn = this.conn.take().expect("checked above");
-                        let clean = codec::parse_end_request(&rec.content)
-                            .is_ok_and(|e| e.protocol_status == ProtocolStatus::RequestComplete);
-                        if clean && this.reusable {
+                        if this.reusable {
                             conn.release();
                         }
                         return Poll::Ready(None);

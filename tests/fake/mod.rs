@@ -38,6 +38,8 @@ pub enum Mode {
     Overloaded,
     /// Sends a record header claiming 65535 bytes, then closes.
     ShortRecord,
+    /// A head and some body, then END_REQUEST saying the request did not complete.
+    UncleanEnd,
 }
 
 /// A running fake server.
@@ -155,6 +157,10 @@ async fn serve(mut s: TcpStream, mode: Mode, requests: Arc<AtomicUsize>) -> std:
                 codec::put_end_request(&mut out, 1, 0, ProtocolStatus::RequestComplete);
             }
             Mode::Overloaded => codec::put_end_request(&mut out, 1, 0, ProtocolStatus::Overloaded),
+            Mode::UncleanEnd => {
+                stdout(&mut out, b"Content-Type: text/plain\r\n\r\npartial body");
+                codec::put_end_request(&mut out, 1, 0, ProtocolStatus::Overloaded);
+            }
             Mode::ShortRecord => {
                 out.extend_from_slice(&codec::record_header(RecordType::Stdout, 1, 65535, 0));
                 out.extend_from_slice(b"Content-Type: text/plain\r\n\r\n");
