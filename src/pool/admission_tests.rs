@@ -1,6 +1,6 @@
 //! The pool's admission queue under paused time: FIFO hand-over, a full queue answering at
-//! once, waits ending exactly at `queue.timeout`, cancelled waiters leaving no trace, and a
-//! pool without capacity failing at once.
+//! once, waits ending exactly at `queue.timeout`, cancelled waiters leaving no trace (even one
+//! handed a place before it looked), and a pool without capacity failing at once.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -140,6 +140,28 @@ async fn a_cancelled_waiter_leaves_the_queue() {
         next.await.expect("join"),
         "the place went to the live waiter"
     );
+    assert_eq!(p.inflight(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_place_handed_to_a_waiter_cancelled_before_it_looks_is_not_lost() {
+    let p = pool(1, 1, Duration::from_secs(10));
+    let held = p.admit().await.expect("first");
+    let waiter = tokio::spawn({
+        let p = p.clone();
+        async move { p.admit().await.map(|_| ()) }
+    });
+    tokio::task::yield_now().await;
+    assert_eq!(p.queue_len(), 1);
+    // The place is handed to the waiter, which is cancelled before it runs again.
+    drop(held);
+    waiter.abort();
+    let _ = waiter.await;
+    assert_eq!(p.inflight(), 0, "the handed-over place came back");
+    let t = Instant::now();
+    let again = p.admit().await.expect("a place is free");
+    assert_eq!(t.elapsed(), Duration::ZERO, "admitted at once, not queued");
+    drop(again);
     assert_eq!(p.inflight(), 0);
 }
 

@@ -147,21 +147,25 @@ impl Pool {
         let started = Instant::now();
         self.metrics.queue_depth.inc();
         let _depth = DepthGuard(&self.metrics);
-        let result = tokio::time::timeout(self.config.queue.timeout, rx).await;
+        let mut waiting = Waiting { pool: self, rx };
+        let result = tokio::time::timeout(self.config.queue.timeout, &mut waiting.rx).await;
         self.metrics
             .queue_wait
             .observe(started.elapsed().as_secs_f64());
         match result {
-            Ok(Ok(mut admit)) => {
-                // The releaser counted us in `inflight` already; arm the guard.
-                admit.pool = Some(self.clone());
-                self.metrics.inflight.inc();
-                Ok(admit)
-            }
+            Ok(Ok(admit)) => Ok(self.arm(admit)),
             // The sender was dropped: capacity fell to zero while we waited.
             Ok(Err(_)) => Err(ProxyError::NoHealthy),
-            Err(_) => Err(ProxyError::QueueTimeout),
+            // A place handed over as the time ran out is taken, not lost.
+            Err(_) => waiting.take().ok_or(ProxyError::QueueTimeout),
         }
+    }
+
+    /// Arms a place handed over by a releaser, who counted it in `inflight` already.
+    fn arm(self: &Arc<Self>, mut admit: Admit) -> Admit {
+        admit.pool = Some(self.clone());
+        self.metrics.inflight.inc();
+        admit
     }
 
     fn release(&self) {
@@ -254,6 +258,29 @@ impl Pool {
     /// Whether this pool hashes on the client address.
     pub fn hashes_client_ip(&self) -> bool {
         matches!(self.config.balance, BalancePolicy::HashClientIp)
+    }
+}
+
+/// A waiter's end of the hand-over. A place is handed over by sending it, so one sent to a
+/// waiter that is cancelled (client gone) before it looks must still be given back: on drop
+/// the channel is closed (no more hand-overs to it) and whatever arrived is released.
+struct Waiting<'a> {
+    pool: &'a Arc<Pool>,
+    rx: oneshot::Receiver<Admit>,
+}
+
+impl Waiting<'_> {
+    /// Closes the channel and takes (armed) a place that arrived before that.
+    fn take(&mut self) -> Option<Admit> {
+        self.rx.close();
+        self.rx.try_recv().ok().map(|admit| self.pool.arm(admit))
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        // Armed, the place is released by dropping it, outside the admission lock.
+        drop(self.take());
     }
 }
 
