@@ -197,10 +197,17 @@ fn balance_policies() {
 fn endpoint_capacity_rules() {
     let yaml = MINIMAL.replace(
         "      - { addr: 127.0.0.1:9000 }\n",
-        "      - { addr: 127.0.0.1:9000, weight: 0 }\n      - { addr: 127.0.0.1:9001, max_conns: 0 }\n      - { addr: 127.0.0.1:9002, max_conns: 2 }\n      - { addr: '127.0.0.1:9000' }\n",
+        "      - { addr: 127.0.0.1:9000, weight: 0 }\n      - { addr: 127.0.0.1:9001, max_conns: 0 }\n      - { addr: 127.0.0.1:9002, max_conns: 2 }\n      - { addr: '127.0.0.1:9000' }\n      - { addr: 127.0.0.1:9003, max_conns: 18446744073709551615 }\n",
     ) .replace("    endpoints:", "    keepalive: { max_idle: 3 }\n    endpoints:");
     let errs = errors(&yaml);
-    assert_eq!(errs.len(), 4, "{}", format_errors(Path::new("t"), &errs));
+    assert_eq!(errs.len(), 5, "{}", format_errors(Path::new("t"), &errs));
+    assert_error(
+        &errs,
+        &yaml,
+        "pools.app.endpoints[4].max_conns",
+        "max_conns: 18446744073709551615",
+        "at most 65535",
+    );
     assert_error(
         &errs,
         &yaml,

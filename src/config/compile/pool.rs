@@ -13,6 +13,9 @@ use super::{loc, parse_socket_addr, pool_path, Ctx};
 
 /// `sun_path` holds 108 bytes including the terminating NUL.
 const MAX_UNIX_PATH: usize = 107;
+/// Far beyond any FPM pool's `pm.max_children`, and small enough that a pool's capacity (a
+/// sum over its endpoints) cannot overflow.
+const MAX_CONNS_LIMIT: usize = 65_535;
 
 /// Compiles every pool, recording errors in `cx`.
 pub(super) fn compile_pools(cx: &mut Ctx, specs: Vec<(String, PoolSpec)>) -> Vec<PoolConfig> {
@@ -58,11 +61,14 @@ fn compile_pool(cx: &mut Ctx, name: &str, spec: PoolSpec) -> PoolConfig {
             None => 1,
         };
         let max_conns = match &e.max_conns {
-            Some(m) if m.value == 0 => {
+            Some(m) if m.value == 0 || m.value > MAX_CONNS_LIMIT => {
                 cx.err(
                     &format!("{p}.max_conns"),
                     loc(m),
-                    "max_conns must be at least 1",
+                    format!(
+                        "max_conns must be at least 1 and at most {MAX_CONNS_LIMIT} (the \
+                         endpoint's share of FPM workers, pm.max_children)"
+                    ),
                 );
                 16
             }
