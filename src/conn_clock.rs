@@ -1,6 +1,8 @@
 //! Client connection timers that hyper does not give us: `header_timeout` (a request head
-//! must arrive within this time of its first byte, however slowly it trickles) and
-//! `idle_timeout` (a kept-alive connection with no request in flight closes after this).
+//! must arrive within this time of its first byte, however slowly it trickles),
+//! `idle_timeout` (a kept-alive connection with no request in flight closes after this) and
+//! `send_timeout` (a response the client has stopped accepting: the connection closes, so a
+//! client that stops reading cannot hold an FPM worker and its pool place for ever).
 //! hyper's own header timer restarts on every read of an idle connection, which makes the
 //! two the same number; here they are separate.
 //!
@@ -10,11 +12,12 @@
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use slab::Slab;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::pool::endpoint::now_ms;
@@ -31,6 +34,9 @@ pub struct Clock {
     first_read: AtomicBool,
     /// Set while the HTTP/1 server is being parked: closing it must leave the socket open.
     parking: AtomicBool,
+    /// One entry per request in flight: since when (ms) its response has been waiting for
+    /// the client to take it (handed to hyper and not asked for more since), 0 while not.
+    waiting: Mutex<Slab<u64>>,
 }
 
 /// What the watchdog should do.
@@ -42,6 +48,9 @@ pub enum Verdict {
     Idle,
     /// A request head is taking longer than `header_timeout`: drop the connection.
     SlowHead,
+    /// A response has waited longer than `send_timeout` for the client to take it: drop
+    /// the connection (and with it the FPM connection the response streams from).
+    Stalled,
 }
 
 impl Clock {
@@ -57,6 +66,7 @@ impl Clock {
             h2: AtomicBool::new(h2),
             first_read: AtomicBool::new(true),
             parking: AtomicBool::new(false),
+            waiting: Mutex::new(Slab::new()),
         })
     }
 
@@ -70,6 +80,7 @@ impl Clock {
             h2: AtomicBool::new(false),
             first_read: AtomicBool::new(false),
             parking: AtomicBool::new(false),
+            waiting: Mutex::new(Slab::new()),
         })
     }
 
@@ -95,7 +106,16 @@ impl Clock {
     pub fn begin(self: &Arc<Self>) -> InFlight {
         self.inflight.fetch_add(1, Ordering::Relaxed);
         self.head_since.store(0, Ordering::Relaxed);
-        InFlight(Arc::clone(self))
+        let key = self.slots().insert(0);
+        InFlight {
+            clock: Arc::clone(self),
+            key,
+            waiting: false,
+        }
+    }
+
+    fn slots(&self) -> std::sync::MutexGuard<'_, Slab<u64>> {
+        self.waiting.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Whether an HTTP/1 connection has been quiet long enough to park: no request in
@@ -126,11 +146,25 @@ impl Clock {
     }
 
     /// The watchdog's decision at this moment.
-    pub fn check(&self, header_timeout: Duration, idle_timeout: Duration) -> Verdict {
-        if self.inflight.load(Ordering::Relaxed) > 0 {
-            return Verdict::Fine;
-        }
+    pub fn check(
+        &self,
+        header_timeout: Duration,
+        idle_timeout: Duration,
+        send_timeout: Duration,
+    ) -> Verdict {
         let now = now_ms();
+        if self.inflight.load(Ordering::Relaxed) > 0 {
+            let send = send_timeout.as_millis() as u64;
+            let stalled = self
+                .slots()
+                .iter()
+                .any(|(_, &since)| since != 0 && now.saturating_sub(since) > send);
+            return if stalled {
+                Verdict::Stalled
+            } else {
+                Verdict::Fine
+            };
+        }
         let head = self.head_since.load(Ordering::Relaxed);
         if head != 0 && !self.h2.load(Ordering::Relaxed) {
             if now.saturating_sub(head) > header_timeout.as_millis() as u64 {
@@ -149,12 +183,39 @@ impl Clock {
 
 /// Held by a response until its body ends.
 #[derive(Debug)]
-pub struct InFlight(Arc<Clock>);
+pub struct InFlight {
+    clock: Arc<Clock>,
+    key: usize,
+    /// The entry is non-zero (kept here to skip the lock when nothing changes).
+    waiting: bool,
+}
+
+impl InFlight {
+    /// The response now waits for the client: handed to hyper, or a frame given out.
+    pub fn wait_for_client(&mut self) {
+        if let Some(since) = self.clock.slots().get_mut(self.key) {
+            *since = now_ms().max(1);
+        }
+        self.waiting = true;
+    }
+
+    /// hyper asks for more of the body: the client has taken what it was given (or made
+    /// room for it).
+    pub fn client_took(&mut self) {
+        if self.waiting {
+            if let Some(since) = self.clock.slots().get_mut(self.key) {
+                *since = 0;
+            }
+            self.waiting = false;
+        }
+    }
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        if self.0.inflight.fetch_sub(1, Ordering::Relaxed) == 1 {
-            self.0.idle_since.store(now_ms(), Ordering::Relaxed);
+        self.clock.slots().try_remove(self.key);
+        if self.clock.inflight.fetch_sub(1, Ordering::Relaxed) == 1 {
+            self.clock.idle_since.store(now_ms(), Ordering::Relaxed);
         }
     }
 }
@@ -261,14 +322,55 @@ impl<I: AsyncWrite> AsyncWrite for Watched<I> {
 mod tests {
     use super::*;
 
+    const SEND: Duration = Duration::from_secs(3600);
+
+    #[test]
+    fn a_response_the_client_does_not_take_stalls() {
+        let c = Clock::new(false);
+        let (head, idle, send) = (
+            Duration::from_secs(10),
+            Duration::from_secs(10),
+            Duration::from_millis(40),
+        );
+        let mut a = c.begin();
+        let mut b = c.begin();
+        std::thread::sleep(Duration::from_millis(60));
+        assert_eq!(
+            c.check(head, idle, send),
+            Verdict::Fine,
+            "waiting for FPM is not the client's doing"
+        );
+        a.wait_for_client();
+        b.wait_for_client();
+        b.client_took();
+        assert_eq!(c.check(head, idle, send), Verdict::Fine);
+        std::thread::sleep(Duration::from_millis(60));
+        assert_eq!(
+            c.check(head, idle, send),
+            Verdict::Stalled,
+            "one response left untaken past send_timeout"
+        );
+        a.client_took();
+        assert_eq!(c.check(head, idle, send), Verdict::Fine);
+        a.wait_for_client();
+        drop(a);
+        std::thread::sleep(Duration::from_millis(60));
+        assert_eq!(
+            c.check(head, idle, send),
+            Verdict::Fine,
+            "a finished one neither"
+        );
+        drop(b);
+    }
+
     #[test]
     fn head_then_idle_then_head() {
         let c = Clock::new(false);
         let (head, idle) = (Duration::from_millis(40), Duration::from_millis(120));
-        assert_eq!(c.check(head, idle), Verdict::Fine);
+        assert_eq!(c.check(head, idle, SEND), Verdict::Fine);
         std::thread::sleep(Duration::from_millis(60));
         assert_eq!(
-            c.check(head, idle),
+            c.check(head, idle, SEND),
             Verdict::SlowHead,
             "no request within header_timeout of the accept"
         );
@@ -278,25 +380,25 @@ mod tests {
         let g = c.begin();
         std::thread::sleep(Duration::from_millis(60));
         assert_eq!(
-            c.check(head, idle),
+            c.check(head, idle, SEND),
             Verdict::Fine,
             "a request in flight is never timed out here"
         );
         drop(g);
         std::thread::sleep(Duration::from_millis(60));
         assert_eq!(
-            c.check(head, idle),
+            c.check(head, idle, SEND),
             Verdict::Fine,
             "idle, but less than idle_timeout"
         );
         std::thread::sleep(Duration::from_millis(80));
-        assert_eq!(c.check(head, idle), Verdict::Idle);
+        assert_eq!(c.check(head, idle, SEND), Verdict::Idle);
 
         let c = Clock::new(false);
         c.on_read(b"PRI * HTTP/2.0\r\n");
         std::thread::sleep(Duration::from_millis(60));
         assert_eq!(
-            c.check(head, idle),
+            c.check(head, idle, SEND),
             Verdict::Fine,
             "HTTP/2 has no head timer"
         );

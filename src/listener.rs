@@ -56,6 +56,7 @@ const PARK_AFTER: Duration = Duration::from_millis(200);
 struct Timers {
     header: Duration,
     idle: Duration,
+    send: Duration,
     max_head: usize,
     /// The watchdog's period while a server runs.
     tick: Duration,
@@ -67,8 +68,12 @@ impl Timers {
     fn new(limits: &Limits, shutdown_grace: Duration) -> Timers {
         // Half the shorter timeout, so either fires within 1.5x of its setting; at most
         // PARK_AFTER, so an idle connection parks soon after it went quiet.
-        let tick = (limits.header_timeout.min(limits.idle_timeout) / 2)
-            .clamp(Duration::from_millis(50), PARK_AFTER);
+        let tick = (limits
+            .header_timeout
+            .min(limits.idle_timeout)
+            .min(limits.send_timeout)
+            / 2)
+        .clamp(Duration::from_millis(50), PARK_AFTER);
         // Slower for HTTP/2 (pings and window updates wake its connections often): within
         // half a second, and within a quarter of a short shutdown grace, so that a
         // connection sends its GOAWAY before the grace ends and the process exits (the
@@ -81,6 +86,7 @@ impl Timers {
         Timers {
             header: limits.header_timeout,
             idle: limits.idle_timeout,
+            send: limits.send_timeout,
             max_head: limits.max_header_bytes,
             tick,
             h2_tick,
@@ -515,9 +521,13 @@ async fn serve_h1<I: ClientIo>(
                 return Some(io);
             }
             _ = tick.tick() => {
-                let verdict = clock.check(t.header, t.idle);
+                let verdict = clock.check(t.header, t.idle, t.send);
                 if verdict == Verdict::SlowHead {
                     // A slowloris head: no answer owed, drop the socket (while draining too).
+                    return None;
+                }
+                if verdict == Verdict::Stalled {
+                    tracing::debug!("client took no response bytes within send_timeout: closing");
                     return None;
                 }
                 if closing {
@@ -561,8 +571,15 @@ async fn serve_h2<I: ClientIo>(
                 }
                 return;
             }
-            _ = tick.tick(), if !closing => {
-                if s.shutdown.is_cancelled() || clock.check(t.header, t.idle) == Verdict::Idle {
+            _ = tick.tick() => {
+                let verdict = clock.check(t.header, t.idle, t.send);
+                if verdict == Verdict::Stalled {
+                    // One stream the client gives no window to is enough: it holds an FPM
+                    // worker. The whole connection goes, as with nginx's send_timeout.
+                    tracing::debug!("client took no response bytes within send_timeout: closing");
+                    return;
+                }
+                if !closing && (s.shutdown.is_cancelled() || verdict == Verdict::Idle) {
                     closing = true;
                     conn.as_mut().graceful_shutdown();
                 }

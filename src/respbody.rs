@@ -89,8 +89,9 @@ impl ResponseBody {
     }
 
     /// Keeps the connection's in-flight mark until the body ends (the idle timer starts
-    /// only then).
-    pub fn hold(&mut self, in_flight: InFlight) {
+    /// only then). From now on the response waits for the client (`send_timeout`).
+    pub fn hold(&mut self, mut in_flight: InFlight) {
+        in_flight.wait_for_client();
         self.in_flight = Some(in_flight);
     }
 }
@@ -104,11 +105,17 @@ impl http_body::Body for ResponseBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
         let this = &mut *self;
+        if let Some(f) = this.in_flight.as_mut() {
+            f.client_took();
+        }
         let r = Pin::new(&mut this.kind).poll_frame(cx);
         match &r {
             Poll::Ready(Some(Ok(frame))) => {
                 if let (Some(d), Some(done)) = (frame.data_ref(), this.done.as_mut()) {
                     done.bytes += d.len() as u64;
+                }
+                if let Some(f) = this.in_flight.as_mut() {
+                    f.wait_for_client();
                 }
             }
             Poll::Ready(_) => {

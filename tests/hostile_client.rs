@@ -354,3 +354,86 @@ async fn upload_disguised_as_script_never_runs() {
     );
     assert!(!resp.text().await.unwrap().contains("EVIL EXECUTED"));
 }
+
+/// One FPM place, a long queue, and a 1 s `send_timeout`: a response its client stops
+/// taking holds the only place until the timeout closes the connection.
+fn one_place_gate() -> Gate {
+    Gate::start(&format!(
+        r#"
+listen: [ {{ bind: "127.0.0.1:0" }} ]
+admin: {{ bind: "127.0.0.1:0" }}
+limits: {{ send_timeout: 1s }}
+pools:
+  main:
+    endpoints: [ {{ addr: "{}", max_conns: 1 }} ]
+    keepalive: {{ max_idle: 1 }}
+    queue: {{ size: 8, timeout: 30s }}
+vhosts:
+  - hosts: ["*"]
+    root: {root}
+    pool: main
+"#,
+        shared_fpm().endpoint(),
+        root = php_root().display()
+    ))
+}
+
+/// The next request is served once the stalled one's connection is closed: the place
+/// came back. Without `send_timeout` it waits in the queue until the queue timeout (503).
+async fn next_request_is_served(g: &Gate) {
+    let t = Instant::now();
+    let resp = client().get(g.url("/index.php")).send().await.unwrap();
+    assert_eq!(
+        resp.status(),
+        200,
+        "the stalled response still holds the place"
+    );
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_cut_at_send_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let g = one_place_gate();
+    // 64 MiB: far more than the socket buffers between PHP and the client hold.
+    let mut s = tokio::net::TcpStream::connect(g.http).await.unwrap();
+    s.write_all(b"GET /big.php?bytes=67108864 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).await.unwrap();
+    assert_eq!(&head, b"HTTP/1.1 200");
+    // Read nothing more.
+    next_request_is_served(&g).await;
+    // The stalled connection was closed: what was in flight drains, then it ends.
+    let mut rest = Vec::new();
+    let end = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut rest)).await;
+    assert!(end.is_ok(), "the stalled connection stays open");
+    assert!(
+        rest.len() < 64 << 20,
+        "the whole response arrived after all"
+    );
+}
+
+#[tokio::test]
+async fn an_http2_stream_given_no_window_is_cut_at_send_timeout() {
+    let g = one_place_gate();
+    let tcp = tokio::net::TcpStream::connect(g.http).await.unwrap();
+    // No stream window: the response head arrives, no DATA ever can.
+    let (mut h2, conn) = h2::client::Builder::new()
+        .initial_window_size(0)
+        .handshake::<_, bytes::Bytes>(tcp)
+        .await
+        .unwrap();
+    let driver = tokio::spawn(conn);
+    let req = http::Request::get("http://x/big.php?bytes=4194304")
+        .body(())
+        .unwrap();
+    let (resp, _) = h2.send_request(req, true).unwrap();
+    let resp = resp.await.unwrap();
+    assert_eq!(resp.status(), 200);
+    next_request_is_served(&g).await;
+    let ended = tokio::time::timeout(Duration::from_secs(10), driver).await;
+    assert!(ended.is_ok(), "the stalled HTTP/2 connection stays open");
+    drop(resp);
+}

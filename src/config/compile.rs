@@ -351,6 +351,7 @@ impl Ctx {
             header_timeout: self.duration(&s.header_timeout, "limits.header_timeout", 10, true),
             idle_timeout: self.duration(&s.idle_timeout, "limits.idle_timeout", 60, true),
             body_timeout: self.duration(&s.body_timeout, "limits.body_timeout", 60, true),
+            send_timeout: self.duration(&s.send_timeout, "limits.send_timeout", 60, true),
             max_connections,
         }
     }

@@ -263,6 +263,8 @@ pub struct LimitsSpec {
     pub idle_timeout: Option<Text>,
     /// Longest client silence while sending a request body. Default `60s`.
     pub body_timeout: Option<Text>,
+    /// Longest a response may wait for the client to take more of it. Default `60s`.
+    pub send_timeout: Option<Text>,
     /// Concurrent client connections. Default 10000.
     pub max_connections: Option<Spanned<usize>>,
 }

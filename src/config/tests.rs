@@ -293,8 +293,12 @@ fn minimal_config_gets_every_default() {
     );
     assert_eq!(l.header_timeout, Duration::from_secs(10));
     assert_eq!(
-        (l.idle_timeout, l.body_timeout),
-        (Duration::from_secs(60), Duration::from_secs(60))
+        (l.idle_timeout, l.body_timeout, l.send_timeout),
+        (
+            Duration::from_secs(60),
+            Duration::from_secs(60),
+            Duration::from_secs(60)
+        )
     );
     assert_eq!(l.max_connections, 10_000);
 }

@@ -342,6 +342,9 @@ pub struct Limits {
     pub idle_timeout: Duration,
     /// Longest client silence while sending a body.
     pub body_timeout: Duration,
+    /// Longest a response may wait for the client to take more of it; then the connection
+    /// closes (nginx's `send_timeout`).
+    pub send_timeout: Duration,
     /// Concurrent client connections.
     pub max_connections: usize,
 }
