@@ -34,9 +34,15 @@ pub struct Clock {
     first_read: AtomicBool,
     /// Set while the HTTP/1 server is being parked: closing it must leave the socket open.
     parking: AtomicBool,
-    /// One entry per request in flight: since when (ms) its response has been waiting for
-    /// the client to take it (handed to hyper and not asked for more since), 0 while not.
-    waiting: Mutex<Slab<u64>>,
+    /// Watchdog ticks so far, from 1: the response timestamps below count in ticks, so the
+    /// hot path reads no clock.
+    ticks: AtomicU64,
+    /// Since which tick the response in flight on HTTP/1 (one at a time) has been waiting
+    /// for the client to take what it was given (a frame handed to hyper, which has not
+    /// asked for more since); 0 while not.
+    waiting_h1: AtomicU64,
+    /// The same for each HTTP/2 stream in flight.
+    waiting_h2: Mutex<Slab<u64>>,
 }
 
 /// What the watchdog should do.
@@ -66,7 +72,9 @@ impl Clock {
             h2: AtomicBool::new(h2),
             first_read: AtomicBool::new(true),
             parking: AtomicBool::new(false),
-            waiting: Mutex::new(Slab::new()),
+            ticks: AtomicU64::new(1),
+            waiting_h1: AtomicU64::new(0),
+            waiting_h2: Mutex::new(Slab::new()),
         })
     }
 
@@ -80,7 +88,9 @@ impl Clock {
             h2: AtomicBool::new(false),
             first_read: AtomicBool::new(false),
             parking: AtomicBool::new(false),
-            waiting: Mutex::new(Slab::new()),
+            ticks: AtomicU64::new(1),
+            waiting_h1: AtomicU64::new(0),
+            waiting_h2: Mutex::new(Slab::new()),
         })
     }
 
@@ -106,7 +116,10 @@ impl Clock {
     pub fn begin(self: &Arc<Self>) -> InFlight {
         self.inflight.fetch_add(1, Ordering::Relaxed);
         self.head_since.store(0, Ordering::Relaxed);
-        let key = self.slots().insert(0);
+        let key = self
+            .h2
+            .load(Ordering::Relaxed)
+            .then(|| self.slots().insert(0));
         InFlight {
             clock: Arc::clone(self),
             key,
@@ -115,7 +128,7 @@ impl Clock {
     }
 
     fn slots(&self) -> std::sync::MutexGuard<'_, Slab<u64>> {
-        self.waiting.lock().unwrap_or_else(|e| e.into_inner())
+        self.waiting_h2.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Whether an HTTP/1 connection has been quiet long enough to park: no request in
@@ -145,20 +158,22 @@ impl Clock {
         limit.saturating_sub(Duration::from_millis(now.saturating_sub(since)))
     }
 
-    /// The watchdog's decision at this moment.
+    /// The watchdog's decision at this moment; called once per watchdog tick. A response
+    /// stalls once it has waited for the client for more than `send_ticks` whole ticks
+    /// (`send_timeout` divided by the tick, rounded up).
     pub fn check(
         &self,
         header_timeout: Duration,
         idle_timeout: Duration,
-        send_timeout: Duration,
+        send_ticks: u64,
     ) -> Verdict {
+        let tick = self.ticks.fetch_add(1, Ordering::Relaxed) + 1;
         let now = now_ms();
         if self.inflight.load(Ordering::Relaxed) > 0 {
-            let send = send_timeout.as_millis() as u64;
-            let stalled = self
-                .slots()
-                .iter()
-                .any(|(_, &since)| since != 0 && now.saturating_sub(since) > send);
+            // A stamp taken after tick k reads k: more than n ticks since is n whole periods.
+            let late = |since: u64| since != 0 && tick.saturating_sub(since) > send_ticks;
+            let stalled = late(self.waiting_h1.load(Ordering::Relaxed))
+                || self.slots().iter().any(|(_, &since)| late(since));
             return if stalled {
                 Verdict::Stalled
             } else {
@@ -185,17 +200,27 @@ impl Clock {
 #[derive(Debug)]
 pub struct InFlight {
     clock: Arc<Clock>,
-    key: usize,
-    /// The entry is non-zero (kept here to skip the lock when nothing changes).
+    /// The HTTP/2 stream's entry; `None` on HTTP/1.
+    key: Option<usize>,
+    /// The entry is non-zero (kept here to skip the store when nothing changes).
     waiting: bool,
 }
 
 impl InFlight {
-    /// The response now waits for the client: handed to hyper, or a frame given out.
-    pub fn wait_for_client(&mut self) {
-        if let Some(since) = self.clock.slots().get_mut(self.key) {
-            *since = now_ms().max(1);
+    fn stamp(&self, since: u64) {
+        match self.key {
+            None => self.clock.waiting_h1.store(since, Ordering::Relaxed),
+            Some(key) => {
+                if let Some(s) = self.clock.slots().get_mut(key) {
+                    *s = since;
+                }
+            }
         }
+    }
+
+    /// A frame of the body was handed to hyper: the response waits for the client.
+    pub fn wait_for_client(&mut self) {
+        self.stamp(self.clock.ticks.load(Ordering::Relaxed));
         self.waiting = true;
     }
 
@@ -203,9 +228,7 @@ impl InFlight {
     /// room for it).
     pub fn client_took(&mut self) {
         if self.waiting {
-            if let Some(since) = self.clock.slots().get_mut(self.key) {
-                *since = 0;
-            }
+            self.stamp(0);
             self.waiting = false;
         }
     }
@@ -213,7 +236,10 @@ impl InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.clock.slots().try_remove(self.key);
+        match self.key {
+            None => self.clock.waiting_h1.store(0, Ordering::Relaxed),
+            Some(key) => drop(self.clock.slots().try_remove(key)),
+        }
         if self.clock.inflight.fetch_sub(1, Ordering::Relaxed) == 1 {
             self.clock.idle_since.store(now_ms(), Ordering::Relaxed);
         }
@@ -322,45 +348,55 @@ impl<I: AsyncWrite> AsyncWrite for Watched<I> {
 mod tests {
     use super::*;
 
-    const SEND: Duration = Duration::from_secs(3600);
+    const SEND: u64 = 1_000_000;
+
+    /// `n` watchdog ticks; the verdict of the last.
+    fn ticks(c: &Clock, n: u64, send_ticks: u64) -> Verdict {
+        let t = Duration::from_secs(10);
+        (0..n).map(|_| c.check(t, t, send_ticks)).last().unwrap()
+    }
 
     #[test]
     fn a_response_the_client_does_not_take_stalls() {
-        let c = Clock::new(false);
-        let (head, idle, send) = (
-            Duration::from_secs(10),
-            Duration::from_secs(10),
-            Duration::from_millis(40),
-        );
+        // HTTP/2: one stream left without window is enough.
+        let c = Clock::new(true);
         let mut a = c.begin();
         let mut b = c.begin();
-        std::thread::sleep(Duration::from_millis(60));
         assert_eq!(
-            c.check(head, idle, send),
+            ticks(&c, 5, 2),
             Verdict::Fine,
             "waiting for FPM is not the client's doing"
         );
         a.wait_for_client();
         b.wait_for_client();
         b.client_took();
-        assert_eq!(c.check(head, idle, send), Verdict::Fine);
-        std::thread::sleep(Duration::from_millis(60));
         assert_eq!(
-            c.check(head, idle, send),
+            ticks(&c, 2, 2),
+            Verdict::Fine,
+            "two ticks may be less than two periods"
+        );
+        assert_eq!(
+            ticks(&c, 1, 2),
             Verdict::Stalled,
             "one response left untaken past send_timeout"
         );
         a.client_took();
-        assert_eq!(c.check(head, idle, send), Verdict::Fine);
+        assert_eq!(ticks(&c, 1, 2), Verdict::Fine);
         a.wait_for_client();
         drop(a);
-        std::thread::sleep(Duration::from_millis(60));
-        assert_eq!(
-            c.check(head, idle, send),
-            Verdict::Fine,
-            "a finished one neither"
-        );
+        assert_eq!(ticks(&c, 5, 2), Verdict::Fine, "a finished one neither");
         drop(b);
+
+        // HTTP/1: one response at a time.
+        let c = Clock::new(false);
+        let mut a = c.begin();
+        a.wait_for_client();
+        assert_eq!(ticks(&c, 3, 2), Verdict::Stalled);
+        a.client_took();
+        assert_eq!(ticks(&c, 1, 2), Verdict::Fine);
+        a.wait_for_client();
+        drop(a);
+        assert_eq!(ticks(&c, 5, 2), Verdict::Fine);
     }
 
     #[test]

@@ -56,12 +56,19 @@ const PARK_AFTER: Duration = Duration::from_millis(200);
 struct Timers {
     header: Duration,
     idle: Duration,
-    send: Duration,
+    /// `send_timeout` in watchdog ticks (rounded up), for HTTP/1 and for HTTP/2.
+    send_ticks: u64,
+    h2_send_ticks: u64,
     max_head: usize,
     /// The watchdog's period while a server runs.
     tick: Duration,
     /// The HTTP/2 watchdog's period.
     h2_tick: Duration,
+}
+
+/// Whole periods of `tick` in `d`, rounded up (at least 1).
+fn ticks_in(d: Duration, tick: Duration) -> u64 {
+    (d.as_nanos().div_ceil(tick.as_nanos().max(1)) as u64).max(1)
 }
 
 impl Timers {
@@ -86,7 +93,8 @@ impl Timers {
         Timers {
             header: limits.header_timeout,
             idle: limits.idle_timeout,
-            send: limits.send_timeout,
+            send_ticks: ticks_in(limits.send_timeout, tick),
+            h2_send_ticks: ticks_in(limits.send_timeout, h2_tick),
             max_head: limits.max_header_bytes,
             tick,
             h2_tick,
@@ -521,7 +529,7 @@ async fn serve_h1<I: ClientIo>(
                 return Some(io);
             }
             _ = tick.tick() => {
-                let verdict = clock.check(t.header, t.idle, t.send);
+                let verdict = clock.check(t.header, t.idle, t.send_ticks);
                 if verdict == Verdict::SlowHead {
                     // A slowloris head: no answer owed, drop the socket (while draining too).
                     return None;
@@ -572,7 +580,7 @@ async fn serve_h2<I: ClientIo>(
                 return;
             }
             _ = tick.tick() => {
-                let verdict = clock.check(t.header, t.idle, t.send);
+                let verdict = clock.check(t.header, t.idle, t.h2_send_ticks);
                 if verdict == Verdict::Stalled {
                     // One stream the client gives no window to is enough: it holds an FPM
                     // worker. The whole connection goes, as with nginx's send_timeout.

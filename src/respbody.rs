@@ -89,9 +89,8 @@ impl ResponseBody {
     }
 
     /// Keeps the connection's in-flight mark until the body ends (the idle timer starts
-    /// only then). From now on the response waits for the client (`send_timeout`).
-    pub fn hold(&mut self, mut in_flight: InFlight) {
-        in_flight.wait_for_client();
+    /// only then), and tells it when a frame waits for the client (`send_timeout`).
+    pub fn hold(&mut self, in_flight: InFlight) {
         self.in_flight = Some(in_flight);
     }
 }
