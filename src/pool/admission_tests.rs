@@ -116,16 +116,22 @@ async fn a_wait_ends_exactly_at_the_queue_timeout() {
     assert_eq!(p.inflight(), 1);
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_cancelled_waiter_leaves_the_queue() {
-    let p = pool(1, 1, Duration::from_secs(10));
-    let held = p.admit().await.expect("first");
-    // A client that goes away drops its request future while it waits.
+/// A request waiting in `p`'s queue (spawned, and run until it waits).
+async fn queued(p: &Arc<Pool>) -> tokio::task::JoinHandle<Result<(), ProxyError>> {
     let waiter = tokio::spawn({
         let p = p.clone();
         async move { p.admit().await.map(|_| ()) }
     });
     tokio::task::yield_now().await;
+    waiter
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cancelled_waiter_leaves_the_queue() {
+    let p = pool(1, 1, Duration::from_secs(10));
+    let held = p.admit().await.expect("first");
+    // A client that goes away drops its request future while it waits.
+    let waiter = queued(&p).await;
     assert_eq!(p.queue_len(), 1);
     waiter.abort();
     let _ = waiter.await;
@@ -147,11 +153,7 @@ async fn a_cancelled_waiter_leaves_the_queue() {
 async fn a_place_handed_to_a_waiter_cancelled_before_it_looks_is_not_lost() {
     let p = pool(1, 1, Duration::from_secs(10));
     let held = p.admit().await.expect("first");
-    let waiter = tokio::spawn({
-        let p = p.clone();
-        async move { p.admit().await.map(|_| ()) }
-    });
-    tokio::task::yield_now().await;
+    let waiter = queued(&p).await;
     assert_eq!(p.queue_len(), 1);
     // The place is handed to the waiter, which is cancelled before it runs again.
     drop(held);
@@ -169,11 +171,7 @@ async fn a_place_handed_to_a_waiter_cancelled_before_it_looks_is_not_lost() {
 async fn no_capacity_fails_at_once_and_fails_waiters() {
     let p = pool(1, 4, Duration::from_secs(10));
     let held = p.admit().await.expect("first");
-    let waiter = tokio::spawn({
-        let p = p.clone();
-        async move { p.admit().await.map(|_| ()) }
-    });
-    tokio::task::yield_now().await;
+    let waiter = queued(&p).await;
     // The only endpoint goes away (drained): capacity 0.
     p.endpoints[0]
         .draining
