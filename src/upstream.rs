@@ -61,7 +61,7 @@ pub async fn exchange(
     request_body: &RequestBody,
     key: Option<u64>,
     rid: &Arc<str>,
-    admit: Admit,
+    mut admit: Admit,
     max_header: usize,
     seen: &mut Upstream,
 ) -> Result<Response<ProxyBody>, ProxyError> {
@@ -78,8 +78,9 @@ pub async fn exchange(
         let (idx, slot) = match pool.select(&tried, key) {
             Some(s) => s,
             None => {
-                // Admitted but every endpoint is full: possible for a moment right after a
-                // reload rebuilt the pool while old requests still hold their slots.
+                // Admitted but every endpoint is full: admission counts places, not slots,
+                // so this is only possible for a moment (a reload that lowered an
+                // endpoint's `max_conns` under load, or one that raced a request's retry).
                 let available = pool.endpoints.iter().any(|e| e.is_available());
                 if available && Instant::now() < slot_deadline {
                     tokio::time::sleep(std::time::Duration::from_millis(2)).await;
@@ -94,6 +95,7 @@ pub async fn exchange(
                 });
             }
         };
+        admit.attach(idx);
         let ep = Arc::clone(slot.endpoint());
         seen.endpoint = Some(Arc::clone(&ep));
         let mut conn = match ep.connect(slot).await {

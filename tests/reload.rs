@@ -218,6 +218,79 @@ async fn sigterm_lets_in_flight_requests_finish() {
     assert!(status.success(), "{status:?}");
 }
 
+/// Polls a metric until `ok` holds for it, for at most `within`.
+async fn wait_metric(g: &Gate, prefix: &str, within: Duration, ok: impl Fn(f64) -> bool) -> f64 {
+    let t = Instant::now();
+    loop {
+        let v = metric(g, prefix).await;
+        if ok(v) || t.elapsed() > within {
+            return v;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_changes_a_busy_pool_keeps_its_queue() {
+    // FPM has workers to spare: only fpmgate's admission (max_conns 2) holds requests back.
+    let (a, b) = (fpm("a", 4), fpm("b", 1));
+    let yaml = |size: usize| {
+        config(&a, &b, "a")
+            .replace(
+                "max_conns: 4 } ]",
+                "max_conns: 2 } ]\n    queue: { size: SIZE, timeout: 10s }",
+            )
+            .replace("SIZE", &size.to_string())
+    };
+    let g = Gate::start(&yaml(8));
+    let c = client();
+    let slow = |c: &reqwest::Client| c.get(g.url("/sleep.php?ms=1500")).send();
+    let before: Vec<_> = (0..2).map(|_| tokio::spawn(slow(&c))).collect();
+    let inflight = "fpmgate_pool_inflight_requests{pool=\"a\"}";
+    let held = wait_metric(&g, inflight, Duration::from_secs(5), |v| v == 2.0).await;
+    assert_eq!(held, 2.0, "{:?}", g.logs());
+
+    // A changed definition of pool a: a new pool object replaces the old one.
+    g.rewrite_config(&yaml(9));
+    let generation = wait_metric(
+        &g,
+        "fpmgate_config_generation",
+        Duration::from_secs(5),
+        |v| v >= 2.0,
+    )
+    .await;
+    assert!(generation >= 2.0, "reload not applied: {:?}", g.logs());
+
+    // Both places are still taken by the old requests: new ones wait in the queue, where
+    // the queue's size, order and timeout apply, rather than being let in on top.
+    let after: Vec<_> = (0..2).map(|_| tokio::spawn(slow(&c))).collect();
+    let depth = "fpmgate_pool_queue_depth{pool=\"a\"}";
+    let queued = wait_metric(&g, depth, Duration::from_secs(1), |v| v == 2.0).await;
+    assert_eq!(
+        queued, 2.0,
+        "requests admitted past a full pool after the reload"
+    );
+    assert_eq!(metric(&g, inflight).await, 2.0);
+
+    for r in before.into_iter().chain(after) {
+        let resp = r.await.unwrap().expect("request completes");
+        assert_eq!(resp.status(), 200);
+    }
+    let left = wait_metric(&g, inflight, Duration::from_secs(2), |v| v == 0.0).await;
+    assert_eq!(left, 0.0);
+    // The pool's count came back to zero: a full pool's worth is let in without queueing.
+    let waits = "fpmgate_pool_queue_wait_seconds_count{pool=\"a\"}";
+    let queued_so_far = metric(&g, waits).await;
+    assert_eq!(queued_so_far, 2.0);
+    let again: Vec<_> = (0..2)
+        .map(|_| tokio::spawn(c.get(g.url("/sleep.php?ms=300")).send()))
+        .collect();
+    for r in again {
+        assert_eq!(r.await.unwrap().expect("request").status(), 200);
+    }
+    assert_eq!(metric(&g, waits).await, queued_so_far, "a place was lost");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_grace_changed_by_reload_bounds_the_drain() {
     let (a, b) = (fpm("a", 2), fpm("b", 1));

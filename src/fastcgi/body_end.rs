@@ -92,7 +92,8 @@ async fn finish_after_body(
         match finish_buffered(&mut conn, &request_id) {
             Finish::Clean => {
                 conn.release();
-                break;
+                drop(guards);
+                return;
             }
             Finish::Broken => break,
             Finish::More => {}
@@ -106,5 +107,8 @@ async fn finish_after_body(
             _ => break,
         }
     }
+    // The FPM slot first, then the pool place: a pool's count of places held on an endpoint
+    // (see `Pool::succeeding`) relies on that order.
+    drop(conn);
     drop(guards);
 }

@@ -1,6 +1,7 @@
 //! The pool's admission queue under paused time: FIFO hand-over, a full queue answering at
 //! once, waits ending exactly at `queue.timeout`, cancelled waiters leaving no trace (even one
-//! handed a place before it looked), and a pool without capacity failing at once.
+//! handed a place before it looked), a pool without capacity failing at once, and admission
+//! carried over to the pool a reload builds in its place.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,13 +15,24 @@ use crate::config::{
 use crate::metrics::Metrics;
 
 fn pool(max_conns: usize, queue: usize, timeout: Duration) -> Arc<Pool> {
-    let cfg = PoolConfig {
+    let cfg = config(&[1], max_conns, queue, timeout);
+    let metrics = Metrics::new();
+    let eps = endpoints(&cfg, &metrics);
+    Arc::new(Pool::new(Arc::new(cfg), eps, metrics.pool("q")))
+}
+
+/// Pool "q" over endpoints on 127.0.0.1 at `ports`, each with `max_conns`.
+fn config(ports: &[u16], max_conns: usize, queue: usize, timeout: Duration) -> PoolConfig {
+    PoolConfig {
         name: "q".into(),
-        endpoints: vec![EndpointConfig {
-            addr: EndpointAddr::Tcp("127.0.0.1:1".parse().expect("addr")),
-            weight: 1,
-            max_conns,
-        }],
+        endpoints: ports
+            .iter()
+            .map(|port| EndpointConfig {
+                addr: EndpointAddr::Tcp(([127, 0, 0, 1], *port).into()),
+                weight: 1,
+                max_conns,
+            })
+            .collect(),
         balance: BalancePolicy::LeastConn,
         keepalive: KeepaliveConfig {
             max_idle: 0,
@@ -46,15 +58,16 @@ fn pool(max_conns: usize, queue: usize, timeout: Duration) -> Arc<Pool> {
         },
         status: None,
         params: Vec::new(),
-    };
-    let metrics = Metrics::new();
+    }
+}
+
+fn endpoints(cfg: &PoolConfig, metrics: &Metrics) -> Vec<Arc<Endpoint>> {
     let settings = ConnSettings {
         connect_timeout: cfg.timeouts.connect,
         max_idle: 0,
         idle_timeout: Duration::from_secs(5),
     };
-    let eps = cfg
-        .endpoints
+    cfg.endpoints
         .iter()
         .map(|e| {
             Arc::new(Endpoint::new(
@@ -63,8 +76,7 @@ fn pool(max_conns: usize, queue: usize, timeout: Duration) -> Arc<Pool> {
                 metrics.endpoint("q", &e.addr.to_string()),
             ))
         })
-        .collect();
-    Arc::new(Pool::new(Arc::new(cfg), eps, metrics.pool("q")))
+        .collect()
 }
 
 #[tokio::test(start_paused = true)]
@@ -184,4 +196,157 @@ async fn no_capacity_fails_at_once_and_fails_waiters() {
     assert!(matches!(p.admit().await, Err(ProxyError::NoHealthy)));
     drop(held);
     assert_eq!(p.inflight(), 0);
+}
+
+/// A request waiting in `p`'s queue that, once admitted, holds its place until told.
+async fn queued_holding(
+    p: &Arc<Pool>,
+) -> (
+    tokio::task::JoinHandle<Result<(), ProxyError>>,
+    tokio::sync::oneshot::Sender<()>,
+) {
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let waiter = tokio::spawn({
+        let p = p.clone();
+        async move {
+            let admit = p.admit().await?;
+            let _ = rx.await;
+            drop(admit);
+            Ok(())
+        }
+    });
+    tokio::task::yield_now().await;
+    (waiter, tx)
+}
+
+/// A request holding a place in `p` and a slot on its endpoint `idx`.
+struct Held {
+    // Dropped in this order, as in a response body: the slot, then the place.
+    _slot: Slot,
+    _admit: Admit,
+}
+
+async fn hold(p: &Arc<Pool>, idx: usize) -> Held {
+    let mut admit = p.admit().await.expect("a place");
+    let slot = p.endpoints[idx].try_reserve().expect("a free slot");
+    admit.attach(idx);
+    Held {
+        _slot: slot,
+        _admit: admit,
+    }
+}
+
+/// The pool a reload builds in place of `old` (same name, changed), over `eps`.
+fn reloaded(old: &Pool, eps: Vec<Arc<Endpoint>>) -> Arc<Pool> {
+    let mut cfg = (*old.config).clone();
+    cfg.queue.size += 1;
+    let p = Pool::succeeding(Arc::new(cfg), eps, Metrics::new().pool("q"), old);
+    p.refresh_capacity();
+    Arc::new(p)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_reload_keeps_the_places_in_flight_and_the_queue() {
+    let old = pool(2, 4, Duration::from_secs(10));
+    let first = hold(&old, 0).await;
+    let second = hold(&old, 0).await;
+    let (old_waiter, release_old) = queued_holding(&old).await;
+
+    let new = reloaded(&old, old.endpoints.clone());
+    // The endpoint's two workers are still busy with the old requests: a new one queues
+    // behind the old waiter instead of being let in on top.
+    let (new_waiter, release_new) = queued_holding(&new).await;
+    assert_eq!(new.queue_len(), 2);
+    assert_eq!(new.inflight(), 2);
+
+    // Places go in order: the old waiter first, then the new one.
+    drop(first);
+    tokio::task::yield_now().await;
+    assert_eq!(new.queue_len(), 1, "the old waiter got the place");
+    assert_eq!(new.inflight(), 2);
+    drop(second);
+    tokio::task::yield_now().await;
+    assert_eq!(new.queue_len(), 0, "then the new one");
+    assert_eq!(new.inflight(), 2);
+    for (waiter, release) in [(old_waiter, release_old), (new_waiter, release_new)] {
+        let _ = release.send(());
+        waiter.await.expect("join").expect("admitted");
+    }
+    assert_eq!(new.inflight(), 0);
+
+    // The replaced pool no longer sets the capacity, even when its health changes.
+    old.endpoints[0]
+        .draining
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    old.refresh_capacity();
+    let _one = new.admit().await.expect("the new pool still has capacity");
+}
+
+#[tokio::test(start_paused = true)]
+async fn places_on_an_endpoint_the_reload_removed_do_not_count_against_the_new_ones() {
+    let cfg = config(&[1, 2], 1, 4, Duration::from_secs(10));
+    let metrics = Metrics::new();
+    let old = Arc::new(Pool::new(
+        Arc::new(cfg.clone()),
+        endpoints(&cfg, &metrics),
+        metrics.pool("q"),
+    ));
+    let on_kept = hold(&old, 0).await;
+    let on_removed = hold(&old, 1).await;
+
+    // The reload keeps the first endpoint and replaces the second by a new one.
+    let fresh = endpoints(&config(&[3], 1, 4, Duration::from_secs(10)), &metrics);
+    let new = reloaded(&old, vec![Arc::clone(&old.endpoints[0]), fresh[0].clone()]);
+    assert_eq!(
+        new.inflight(),
+        1,
+        "only the place on the kept endpoint counts"
+    );
+    let t = Instant::now();
+    let admitted = new.admit().await.expect("the new endpoint is free");
+    assert_eq!(t.elapsed(), Duration::ZERO);
+
+    // Both endpoints are busy now; the end of the request on the removed one frees neither.
+    let waiter = queued(&new).await;
+    drop(on_removed);
+    tokio::task::yield_now().await;
+    assert!(!waiter.is_finished());
+    assert_eq!(new.inflight(), 2);
+    drop(on_kept);
+    waiter.await.expect("join").expect("admitted");
+    drop(admitted);
+    assert_eq!(new.inflight(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_moving_off_a_removed_endpoint_is_not_counted_twice() {
+    let cfg = config(&[1, 2], 1, 4, Duration::from_secs(10));
+    let metrics = Metrics::new();
+    let old = Arc::new(Pool::new(
+        Arc::new(cfg.clone()),
+        endpoints(&cfg, &metrics),
+        metrics.pool("q"),
+    ));
+    let mut admit = old.admit().await.expect("a place");
+    let slot = old.endpoints[1].try_reserve().expect("slot");
+    admit.attach(1);
+
+    let new = reloaded(&old, vec![Arc::clone(&old.endpoints[0])]);
+    assert_eq!(new.inflight(), 0);
+    // The request fails on the removed endpoint and is retried on the kept one.
+    drop(slot);
+    let slot = old.endpoints[0].try_reserve().expect("slot");
+    admit.attach(0);
+
+    let other = new.admit().await.expect("a place");
+    assert_eq!(new.inflight(), 1);
+    drop(slot);
+    drop(admit);
+    assert_eq!(
+        new.inflight(),
+        1,
+        "the retried request's end is not counted again"
+    );
+    drop(other);
+    assert_eq!(new.inflight(), 0);
 }

@@ -6,6 +6,12 @@
 //! most `queue.timeout`; a full queue answers 503 at once. Every resource is an RAII guard so
 //! a request whose client went away releases its place by being dropped.
 //!
+//! A reload that changes a pool builds a new [`Pool`] that takes over the old one's
+//! admission ([`Pool::succeeding`]): requests admitted before the reload keep counting
+//! against the pool until they finish, and those still queued keep their turn, so a reload
+//! under load neither admits twice the capacity nor lets new requests jump the queue. Places
+//! held on endpoints the reload removed are not counted against the new endpoints.
+//!
 //! Health (active pings, FPM status scraping, passive ejection) lives in [`health`] and
 //! [`fpm_status`]; its state is kept on each [`Endpoint`] so that it survives reloads.
 
@@ -15,7 +21,7 @@ pub mod fpm_status;
 pub mod health;
 
 use std::collections::VecDeque;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::oneshot;
@@ -28,11 +34,35 @@ use crate::metrics::PoolMetrics;
 use balance::{Balancer, Candidate};
 pub use endpoint::{Conn, ConnSettings, Endpoint, Slot};
 
+/// A pool's admission ledger, shared by the pool objects that successive reloads built for
+/// one pool name.
 struct Admission {
     inflight: usize,
     capacity: usize,
     waiters: VecDeque<oneshot::Sender<Admit>>,
+    /// [`Pool::id`] of the pool object that sets `capacity` (the newest).
+    owner: u64,
+    /// Places held on endpoints a reload removed, per endpoint: taken out of `inflight` then
+    /// (they hold no slot the new endpoints could use), so the request that ends on one,
+    /// or moves away from it, does not count its end again.
+    uncounted: Vec<(Arc<Endpoint>, usize)>,
 }
+
+impl Admission {
+    /// Takes one of `ep`'s uncounted places, if it has one left.
+    fn take_uncounted(&mut self, ep: &Arc<Endpoint>) -> bool {
+        let Some(at) = self.uncounted.iter().position(|(e, _)| Arc::ptr_eq(e, ep)) else {
+            return false;
+        };
+        self.uncounted[at].1 -= 1;
+        if self.uncounted[at].1 == 0 {
+            self.uncounted.swap_remove(at);
+        }
+        true
+    }
+}
+
+static NEXT_POOL_ID: AtomicU64 = AtomicU64::new(1);
 
 /// A pool of PHP-FPM endpoints serving one PHP application/version.
 pub struct Pool {
@@ -41,7 +71,9 @@ pub struct Pool {
     /// Its endpoints, in config order.
     pub endpoints: Vec<Arc<Endpoint>>,
     balancer: Balancer,
-    admission: Mutex<Admission>,
+    /// Tells this pool object apart from the others sharing its admission.
+    id: u64,
+    admission: Arc<Mutex<Admission>>,
     /// Label-bound metric handles.
     pub metrics: PoolMetrics,
     /// Stops the pool's health tasks ([`Pool::stop`], or when the pool is dropped).
@@ -57,6 +89,53 @@ impl Pool {
         endpoints: Vec<Arc<Endpoint>>,
         metrics: PoolMetrics,
     ) -> Pool {
+        let admission = Arc::new(Mutex::new(Admission {
+            inflight: 0,
+            capacity: 0,
+            waiters: VecDeque::new(),
+            owner: 0,
+            uncounted: Vec::new(),
+        }));
+        Pool::with_admission(config, endpoints, metrics, admission, &[])
+    }
+
+    /// Builds the pool that replaces `prev` (same name, changed by a reload), taking over
+    /// its admission: its requests in flight and its queue.
+    pub fn succeeding(
+        config: Arc<PoolConfig>,
+        endpoints: Vec<Arc<Endpoint>>,
+        metrics: PoolMetrics,
+        prev: &Pool,
+    ) -> Pool {
+        let admission = Arc::clone(&prev.admission);
+        Pool::with_admission(config, endpoints, metrics, admission, &prev.endpoints)
+    }
+
+    fn with_admission(
+        config: Arc<PoolConfig>,
+        endpoints: Vec<Arc<Endpoint>>,
+        metrics: PoolMetrics,
+        admission: Arc<Mutex<Admission>>,
+        prev_endpoints: &[Arc<Endpoint>],
+    ) -> Pool {
+        let id = NEXT_POOL_ID.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut st = admission.lock().unwrap_or_else(|e| e.into_inner());
+            st.owner = id;
+            // Under the lock, so no place on a removed endpoint ends between its count
+            // here and its entry in `uncounted`.
+            for ep in prev_endpoints {
+                let held = ep.busy();
+                if held == 0 || endpoints.iter().any(|e| Arc::ptr_eq(e, ep)) {
+                    continue;
+                }
+                st.inflight = st.inflight.saturating_sub(held);
+                match st.uncounted.iter_mut().find(|(e, _)| Arc::ptr_eq(e, ep)) {
+                    Some((_, n)) => *n += held,
+                    None => st.uncounted.push((Arc::clone(ep), held)),
+                }
+            }
+        }
         let balancer = match config.balance {
             BalancePolicy::RoundRobin => Balancer::round_robin(endpoints.len()),
             BalancePolicy::LeastConn => Balancer::least_conn(),
@@ -68,11 +147,8 @@ impl Pool {
             config,
             endpoints,
             balancer,
-            admission: Mutex::new(Admission {
-                inflight: 0,
-                capacity: 0,
-                waiters: VecDeque::new(),
-            }),
+            id,
+            admission,
             metrics,
             cancel: CancellationToken::new(),
             health_started: AtomicBool::new(false),
@@ -88,8 +164,12 @@ impl Pool {
 
     /// Recomputes capacity (sum of `max_conns` over available endpoints) after a health,
     /// drain or config change, and admits waiters that now fit. When nothing is available
-    /// every waiter is failed at once: waiting for a dead pool helps nobody.
+    /// every waiter is failed at once: waiting for a dead pool helps nobody. A pool that a
+    /// reload replaced leaves capacity to its successor.
     pub fn refresh_capacity(&self) {
+        if self.lock().owner != self.id {
+            return;
+        }
         let capacity: usize = self
             .endpoints
             .iter()
@@ -98,6 +178,9 @@ impl Pool {
             .sum();
         self.metrics.capacity.set(capacity as i64);
         let mut st = self.lock();
+        if st.owner != self.id {
+            return;
+        }
         st.capacity = capacity;
         if capacity == 0 {
             st.waiters.clear();
@@ -108,7 +191,7 @@ impl Pool {
                 break;
             };
             st.inflight += 1;
-            if let Err(admit) = tx.send(Admit { pool: None }) {
+            if let Err(admit) = tx.send(Admit::unarmed()) {
                 drop(admit);
                 st.inflight -= 1;
             }
@@ -131,6 +214,8 @@ impl Pool {
                 self.metrics.inflight.inc();
                 return Ok(Admit {
                     pool: Some(self.clone()),
+                    on: None,
+                    counted: true,
                 });
             }
             if st.waiters.len() >= self.config.queue.size {
@@ -168,14 +253,20 @@ impl Pool {
         admit
     }
 
-    fn release(&self) {
+    /// Ends a place whose request last used endpoint `on` (an index into `endpoints`).
+    fn release(&self, on: Option<usize>) {
         let mut st = self.lock();
+        if let Some(ep) = on.filter(|_| !st.uncounted.is_empty()) {
+            if st.take_uncounted(&self.endpoints[ep]) {
+                return;
+            }
+        }
         // Hand the place straight to the first live waiter (FIFO), unless capacity shrank.
         while st.inflight <= st.capacity {
             let Some(tx) = st.waiters.pop_front() else {
                 break;
             };
-            match tx.send(Admit { pool: None }) {
+            match tx.send(Admit::unarmed()) {
                 Ok(()) => return,
                 Err(unarmed) => drop(unarmed),
             }
@@ -295,13 +386,46 @@ impl Drop for DepthGuard<'_> {
 /// A place in a pool. Dropping it lets the next waiter in.
 pub struct Admit {
     pool: Option<Arc<Pool>>,
+    /// The endpoint (index into the pool's `endpoints`) whose slot the request holds or
+    /// last held.
+    on: Option<usize>,
+    /// Still counted in the pool's `inflight` (see [`Admission::uncounted`]).
+    counted: bool,
+}
+
+impl Admit {
+    fn unarmed() -> Admit {
+        Admit {
+            pool: None,
+            on: None,
+            counted: true,
+        }
+    }
+
+    /// Records that the request now holds a slot on endpoint `idx` of its pool.
+    pub fn attach(&mut self, idx: usize) {
+        let prev = self.on.replace(idx);
+        let (Some(prev), Some(pool)) = (prev, &self.pool) else {
+            return;
+        };
+        if prev != idx && self.counted {
+            // Moving away from an endpoint a reload removed: if its place was taken out
+            // of the count, this request must not count its end again.
+            let mut st = pool.lock();
+            if !st.uncounted.is_empty() && st.take_uncounted(&pool.endpoints[prev]) {
+                self.counted = false;
+            }
+        }
+    }
 }
 
 impl Drop for Admit {
     fn drop(&mut self) {
         if let Some(pool) = self.pool.take() {
             pool.metrics.inflight.dec();
-            pool.release();
+            if self.counted {
+                pool.release(self.on);
+            }
         }
     }
 }
