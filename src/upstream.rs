@@ -187,7 +187,11 @@ pub async fn exchange(
                     Some(all) => {
                         // Spent: dropping it frees the pool place now.
                         drop(body);
-                        ProxyBody::full(fit_declared(all, declared, code, rid)?)
+                        let at = LogCtx {
+                            request_id: id,
+                            endpoint: &ep.label,
+                        };
+                        ProxyBody::full(fit_declared(all, declared, code, at, pool.name())?)
                     }
                     None => ProxyBody::Fcgi(Box::new(body)),
                 };
@@ -298,7 +302,8 @@ fn fit_declared(
     mut all: Bytes,
     declared: Option<u64>,
     code: StatusCode,
-    rid: &str,
+    at: LogCtx<'_>,
+    pool: &str,
 ) -> Result<Bytes, ProxyError> {
     let Some(declared) = declared else {
         return Ok(all);
@@ -309,7 +314,9 @@ fn fit_declared(
     let sent = all.len() as u64;
     if sent > declared {
         tracing::warn!(
-            request_id = rid,
+            request_id = at.request_id,
+            pool,
+            endpoint = %at.endpoint,
             "the script declared Content-Length {declared} but sent {sent} bytes: sending the first {declared}"
         );
         // declared < sent ≤ usize::MAX.

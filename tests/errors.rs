@@ -387,6 +387,17 @@ async fn script_content_length_frames_the_response() {
         second.starts_with("HTTP/1.1 200"),
         "the bytes after the declared length must be the next response:\n{raw}"
     );
+    // The operator is told, with where it came from.
+    let endpoint = format!("endpoint={}", shared_fpm().endpoint());
+    let warned = g
+        .logs()
+        .into_iter()
+        .find(|l| l.contains("declared Content-Length 2 but sent 5"))
+        .unwrap_or_else(|| panic!("no warning: {:?}", g.logs()));
+    assert!(
+        warned.contains("pool=") && warned.contains(&endpoint) && warned.contains("request_id="),
+        "{warned}"
+    );
     // Shorter than declared: a truncated response, 502, not a 200 the client waits on.
     let raw = two_on_one_connection(&g, "/length.php?declared=100&body=hello", "/index.php").await;
     assert!(raw.starts_with("HTTP/1.1 502"), "{raw}");
