@@ -138,11 +138,11 @@ pub fn build(
             })
             .collect();
         let (pool_config, pool_metrics) = (Arc::new(pc.clone()), metrics.pool(&pc.name));
-        pools.push(Arc::new(match old_pools.get(pc.name.as_str()) {
+        pools.push(match old_pools.get(pc.name.as_str()) {
             // Its requests in flight and in the queue carry over to the new definition.
             Some(old) => Pool::succeeding(pool_config, endpoints, pool_metrics, old),
-            None => Pool::new(pool_config, endpoints, pool_metrics),
-        }));
+            None => Arc::new(Pool::new(pool_config, endpoints, pool_metrics)),
+        });
     }
 
     // Endpoints (and pools) that are gone: drain, close idle connections, drop their series.

@@ -66,6 +66,15 @@ pub async fn exchange(
     seen: &mut Upstream,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let id: &str = rid;
+    // Queued before a reload rebuilt the pool, the request is sent to the new endpoints.
+    let newest;
+    let pool = match admit.pool() {
+        Some(p) if !Arc::ptr_eq(p, pool) => {
+            newest = Arc::clone(p);
+            &newest
+        }
+        _ => pool,
+    };
     let cfg = &pool.config;
     let idempotent = !matches!(method.as_str(), "POST" | "PATCH" | "LOCK");
     let mut tried: Vec<usize> = Vec::new();

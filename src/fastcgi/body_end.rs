@@ -34,10 +34,9 @@ impl Drop for FcgiBody {
                 };
                 let guards = std::mem::replace(&mut self.guards, Box::new(()));
                 rt.spawn(finish_after_body(
-                    conn,
+                    Finishing { conn, guards },
                     self.read_timeout,
                     std::sync::Arc::clone(&self.request_id),
-                    guards,
                 ));
             }
         }
@@ -79,36 +78,41 @@ fn finish_buffered(conn: &mut Conn, request_id: &str) -> Finish {
     }
 }
 
+/// A connection read on after its body, and the guards (the pool place) to drop after it:
+/// fields drop in order, so the FPM slot goes before the place however the task ends (a
+/// pool's count of places held on an endpoint, see `Pool::succeeding`, relies on that).
+struct Finishing {
+    conn: Conn,
+    guards: Box<dyn Send + Sync>,
+}
+
 /// Reads a connection on to END_REQUEST, within the read timeout, then keeps it; `guards`
 /// (the pool place) go when it is done either way.
 async fn finish_after_body(
-    mut conn: Conn,
+    mut f: Finishing,
     read_timeout: Duration,
     request_id: std::sync::Arc<str>,
-    guards: Box<dyn Send + Sync>,
 ) {
     let deadline = Instant::now() + read_timeout;
     loop {
-        match finish_buffered(&mut conn, &request_id) {
+        match finish_buffered(&mut f.conn, &request_id) {
             Finish::Clean => {
+                let Finishing { conn, guards } = f;
                 conn.release();
                 drop(guards);
                 return;
             }
-            Finish::Broken => break,
+            Finish::Broken => return,
             Finish::More => {}
         }
+        let conn = &mut f.conn;
         if conn.buf.capacity() - conn.buf.len() < 1024 {
             conn.buf.reserve(4096);
         }
         match tokio::time::timeout_at(deadline, conn.stream.read_buf(&mut conn.buf)).await {
             Ok(Ok(n)) if n > 0 => {}
             // FPM closed, failed, or the script ran on past the read timeout: close.
-            _ => break,
+            _ => return,
         }
     }
-    // The FPM slot first, then the pool place: a pool's count of places held on an endpoint
-    // (see `Pool::succeeding`) relies on that order.
-    drop(conn);
-    drop(guards);
 }

@@ -240,9 +240,7 @@ async fn hold(p: &Arc<Pool>, idx: usize) -> Held {
 fn reloaded(old: &Pool, eps: Vec<Arc<Endpoint>>) -> Arc<Pool> {
     let mut cfg = (*old.config).clone();
     cfg.queue.size += 1;
-    let p = Pool::succeeding(Arc::new(cfg), eps, Metrics::new().pool("q"), old);
-    p.refresh_capacity();
-    Arc::new(p)
+    Pool::succeeding(Arc::new(cfg), eps, Metrics::new().pool("q"), old)
 }
 
 #[tokio::test(start_paused = true)]
@@ -273,13 +271,6 @@ async fn a_reload_keeps_the_places_in_flight_and_the_queue() {
         waiter.await.expect("join").expect("admitted");
     }
     assert_eq!(new.inflight(), 0);
-
-    // The replaced pool no longer sets the capacity, even when its health changes.
-    old.endpoints[0]
-        .draining
-        .store(true, std::sync::atomic::Ordering::Relaxed);
-    old.refresh_capacity();
-    let _one = new.admit().await.expect("the new pool still has capacity");
 }
 
 #[tokio::test(start_paused = true)]
@@ -319,7 +310,7 @@ async fn places_on_an_endpoint_the_reload_removed_do_not_count_against_the_new_o
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_request_moving_off_a_removed_endpoint_is_not_counted_twice() {
+async fn a_request_moving_off_a_removed_endpoint_counts_again() {
     let cfg = config(&[1, 2], 1, 4, Duration::from_secs(10));
     let metrics = Metrics::new();
     let old = Arc::new(Pool::new(
@@ -333,20 +324,69 @@ async fn a_request_moving_off_a_removed_endpoint_is_not_counted_twice() {
 
     let new = reloaded(&old, vec![Arc::clone(&old.endpoints[0])]);
     assert_eq!(new.inflight(), 0);
-    // The request fails on the removed endpoint and is retried on the kept one.
+    // The request fails on the removed endpoint and is retried on the kept one, whose slot
+    // it now takes: it counts again.
     drop(slot);
     let slot = old.endpoints[0].try_reserve().expect("slot");
     admit.attach(0);
-
-    let other = new.admit().await.expect("a place");
     assert_eq!(new.inflight(), 1);
+    let waiter = queued(&new).await;
+    assert!(!waiter.is_finished(), "the kept endpoint is full");
+
+    // A second reload that removes that endpoint too: the place is set aside once.
+    let fresh = endpoints(&config(&[3], 1, 4, Duration::from_secs(10)), &metrics);
+    let newer = reloaded(&new, fresh);
+    waiter
+        .await
+        .expect("join")
+        .expect("admitted to the newest endpoint");
+    assert_eq!(newer.inflight(), 0);
     drop(slot);
     drop(admit);
+    assert_eq!(newer.inflight(), 0, "its end is not counted again");
+    let _one = newer.admit().await.expect("a place");
+    assert_eq!(newer.inflight(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_queued_before_a_reload_is_sent_to_the_new_endpoints() {
+    let old = pool(1, 4, Duration::from_secs(10));
+    let held = hold(&old, 0).await;
+    let waiter = tokio::spawn({
+        let old = old.clone();
+        async move {
+            let admit = old.admit().await.expect("admitted");
+            let pool = Arc::clone(admit.pool().expect("armed"));
+            (pool, admit)
+        }
+    });
+    tokio::task::yield_now().await;
+
+    // The reload replaces the busy endpoint: the new one is free, and the request queued
+    // on the old pool object gets it rather than the old endpoint.
+    let metrics = Metrics::new();
+    let fresh = endpoints(&config(&[2], 1, 4, Duration::from_secs(10)), &metrics);
+    let new = reloaded(&old, fresh);
+    let (armed, admit) = waiter.await.expect("join");
+    assert!(Arc::ptr_eq(&armed, &new), "armed with the newest pool");
+    assert_eq!(new.inflight(), 1);
+    // A request that read the old config snapshot is sent to the new pool as well.
+    drop(held);
     assert_eq!(
         new.inflight(),
         1,
-        "the retried request's end is not counted again"
+        "the old place was set aside at the reload"
     );
-    drop(other);
+    drop(admit);
+    let late = old.admit().await.expect("a place");
+    assert!(Arc::ptr_eq(late.pool().expect("armed"), &new));
+    drop(late);
     assert_eq!(new.inflight(), 0);
+
+    // The old pool object forwards a capacity change to the new one.
+    new.endpoints[0]
+        .draining
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    old.refresh_capacity();
+    assert!(matches!(new.admit().await, Err(ProxyError::NoHealthy)));
 }

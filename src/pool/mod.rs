@@ -22,7 +22,7 @@ pub mod health;
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use tokio::sync::oneshot;
 use tokio::time::Instant;
@@ -42,9 +42,12 @@ struct Admission {
     waiters: VecDeque<oneshot::Sender<Admit>>,
     /// [`Pool::id`] of the pool object that sets `capacity` (the newest).
     owner: u64,
+    /// That pool, once a reload made one that shares this ledger: requests armed from here
+    /// on use its endpoints, whichever pool object they queued on.
+    newest: Weak<Pool>,
     /// Places held on endpoints a reload removed, per endpoint: taken out of `inflight` then
-    /// (they hold no slot the new endpoints could use), so the request that ends on one,
-    /// or moves away from it, does not count its end again.
+    /// (they hold no slot the new endpoints could use), so the request that ends on one
+    /// does not count its end again, and one that moves away from it counts again.
     uncounted: Vec<(Arc<Endpoint>, usize)>,
 }
 
@@ -94,6 +97,7 @@ impl Pool {
             capacity: 0,
             waiters: VecDeque::new(),
             owner: 0,
+            newest: Weak::new(),
             uncounted: Vec::new(),
         }));
         Pool::with_admission(config, endpoints, metrics, admission, &[])
@@ -106,9 +110,15 @@ impl Pool {
         endpoints: Vec<Arc<Endpoint>>,
         metrics: PoolMetrics,
         prev: &Pool,
-    ) -> Pool {
+    ) -> Arc<Pool> {
         let admission = Arc::clone(&prev.admission);
-        Pool::with_admission(config, endpoints, metrics, admission, &prev.endpoints)
+        let pool = Arc::new_cyclic(|me| {
+            let pool = Pool::with_admission(config, endpoints, metrics, admission, &prev.endpoints);
+            pool.lock().newest = me.clone();
+            pool
+        });
+        pool.refresh_capacity();
+        pool
     }
 
     fn with_admission(
@@ -165,9 +175,17 @@ impl Pool {
     /// Recomputes capacity (sum of `max_conns` over available endpoints) after a health,
     /// drain or config change, and admits waiters that now fit. When nothing is available
     /// every waiter is failed at once: waiting for a dead pool helps nobody. A pool that a
-    /// reload replaced leaves capacity to its successor.
+    /// reload replaced has its successor recompute instead (a health change or an admin
+    /// action can still reach it through an older snapshot).
     pub fn refresh_capacity(&self) {
-        if self.lock().owner != self.id {
+        let newest = {
+            let st = self.lock();
+            (st.owner != self.id).then(|| st.newest.upgrade())
+        };
+        if let Some(newest) = newest {
+            if let Some(pool) = newest.filter(|p| p.id != self.id) {
+                pool.refresh_capacity();
+            }
             return;
         }
         let capacity: usize = self
@@ -211,11 +229,14 @@ impl Pool {
             }
             if st.waiters.is_empty() && st.inflight < st.capacity {
                 st.inflight += 1;
-                self.metrics.inflight.inc();
+                // A request on an older snapshot of the config goes to the newest pool's
+                // endpoints: the others may be full or gone.
+                let pool = st.newest.upgrade().unwrap_or_else(|| self.clone());
+                drop(st);
+                pool.metrics.inflight.inc();
                 return Ok(Admit {
-                    pool: Some(self.clone()),
+                    pool: Some(pool),
                     on: None,
-                    counted: true,
                 });
             }
             if st.waiters.len() >= self.config.queue.size {
@@ -248,8 +269,10 @@ impl Pool {
 
     /// Arms a place handed over by a releaser, who counted it in `inflight` already.
     fn arm(self: &Arc<Self>, mut admit: Admit) -> Admit {
-        admit.pool = Some(self.clone());
-        self.metrics.inflight.inc();
+        let newest = self.lock().newest.upgrade();
+        let pool = newest.unwrap_or_else(|| self.clone());
+        pool.metrics.inflight.inc();
+        admit.pool = Some(pool);
         admit
     }
 
@@ -389,8 +412,6 @@ pub struct Admit {
     /// The endpoint (index into the pool's `endpoints`) whose slot the request holds or
     /// last held.
     on: Option<usize>,
-    /// Still counted in the pool's `inflight` (see [`Admission::uncounted`]).
-    counted: bool,
 }
 
 impl Admit {
@@ -398,8 +419,13 @@ impl Admit {
         Admit {
             pool: None,
             on: None,
-            counted: true,
         }
+    }
+
+    /// The pool whose endpoints the request is to use: the one it was admitted to, or the
+    /// one a reload built in its place while it waited.
+    pub fn pool(&self) -> Option<&Arc<Pool>> {
+        self.pool.as_ref()
     }
 
     /// Records that the request now holds a slot on endpoint `idx` of its pool.
@@ -408,12 +434,12 @@ impl Admit {
         let (Some(prev), Some(pool)) = (prev, &self.pool) else {
             return;
         };
-        if prev != idx && self.counted {
-            // Moving away from an endpoint a reload removed: if its place was taken out
-            // of the count, this request must not count its end again.
+        if prev != idx {
+            // Moving away from an endpoint a reload removed, onto one that counts: if its
+            // place was taken out of the count, it is counted again.
             let mut st = pool.lock();
             if !st.uncounted.is_empty() && st.take_uncounted(&pool.endpoints[prev]) {
-                self.counted = false;
+                st.inflight += 1;
             }
         }
     }
@@ -423,9 +449,7 @@ impl Drop for Admit {
     fn drop(&mut self) {
         if let Some(pool) = self.pool.take() {
             pool.metrics.inflight.dec();
-            if self.counted {
-                pool.release(self.on);
-            }
+            pool.release(self.on);
         }
     }
 }
