@@ -273,15 +273,18 @@ async fn a_reload_keeps_the_places_in_flight_and_the_queue() {
     assert_eq!(new.inflight(), 0);
 }
 
-#[tokio::test(start_paused = true)]
-async fn places_on_an_endpoint_the_reload_removed_do_not_count_against_the_new_ones() {
+/// A pool over two endpoints of one slot each, and the metrics its endpoints came from.
+fn two_endpoints() -> (Arc<Pool>, Metrics) {
     let cfg = config(&[1, 2], 1, 4, Duration::from_secs(10));
     let metrics = Metrics::new();
-    let old = Arc::new(Pool::new(
-        Arc::new(cfg.clone()),
-        endpoints(&cfg, &metrics),
-        metrics.pool("q"),
-    ));
+    let eps = endpoints(&cfg, &metrics);
+    let pool = Arc::new(Pool::new(Arc::new(cfg), eps, metrics.pool("q")));
+    (pool, metrics)
+}
+
+#[tokio::test(start_paused = true)]
+async fn places_on_an_endpoint_the_reload_removed_do_not_count_against_the_new_ones() {
+    let (old, metrics) = two_endpoints();
     let on_kept = hold(&old, 0).await;
     let on_removed = hold(&old, 1).await;
 
@@ -311,13 +314,7 @@ async fn places_on_an_endpoint_the_reload_removed_do_not_count_against_the_new_o
 
 #[tokio::test(start_paused = true)]
 async fn a_request_moving_off_a_removed_endpoint_counts_again() {
-    let cfg = config(&[1, 2], 1, 4, Duration::from_secs(10));
-    let metrics = Metrics::new();
-    let old = Arc::new(Pool::new(
-        Arc::new(cfg.clone()),
-        endpoints(&cfg, &metrics),
-        metrics.pool("q"),
-    ));
+    let (old, metrics) = two_endpoints();
     let mut admit = old.admit().await.expect("a place");
     let slot = old.endpoints[1].try_reserve().expect("slot");
     admit.attach(1);
