@@ -14,7 +14,7 @@ use tokio::time::Instant;
 use crate::body::RequestBody;
 use crate::error::ProxyError;
 use crate::fastcgi::body::FcgiBody;
-use crate::fastcgi::client::{self, LogCtx, Outgoing, REQUEST_ID};
+use crate::fastcgi::client::{self, Answer, LogCtx, Outgoing, Source, REQUEST_ID};
 use crate::fastcgi::codec::{self, ParamsWriter};
 use crate::mapping::{self, ParamSink, RequestFacts, VhostFacts};
 use crate::metrics::Metrics;
@@ -130,10 +130,10 @@ pub async fn exchange(
                 });
             }
         };
-        let file = match request_body.reopen_file() {
-            Some(Ok(f)) => Some((f, request_body.len())),
+        let body = match request_body.reopen_file() {
+            Some(Ok(f)) => Source::File(f, request_body.len()),
             Some(Err(e)) => return Err(ProxyError::BodySpool(e)),
-            None => None,
+            None => sent_apart(request_body).map_or(Source::Nothing, Source::Memory),
         };
         let sent = Instant::now();
         let log = LogCtx {
@@ -143,9 +143,8 @@ pub async fn exchange(
         match client::send(
             &mut conn,
             Outgoing {
-                wire: &wire,
-                file,
-                memory: sent_apart(request_body),
+                wire: wire.clone(),
+                body,
             },
             cfg.timeouts.read,
             cfg.timeouts.send,
@@ -154,7 +153,12 @@ pub async fn exchange(
         )
         .await
         {
-            Ok((head, rest, reusable)) => {
+            Ok(Answer {
+                head,
+                rest,
+                reusable,
+                tail,
+            }) => {
                 let head_at = Instant::now();
                 let header_secs = head_at.saturating_duration_since(sent).as_secs_f64();
                 if seen.record {
@@ -187,6 +191,7 @@ pub async fn exchange(
                     .and_then(|v| v.to_str().ok())
                     .and_then(|v| v.parse().ok());
                 body.set_declared_length(declared);
+                body.set_stdin_tail(tail);
                 let whole = if method == Method::HEAD {
                     None
                 } else {
@@ -294,9 +299,9 @@ pub fn encode_request(
 const SEND_APART_OVER: usize = 16 * 1024;
 
 /// The in-memory body that is written after the wire buffer rather than inside it.
-fn sent_apart(body: &RequestBody) -> Option<&[u8]> {
+fn sent_apart(body: &RequestBody) -> Option<Bytes> {
     match body {
-        RequestBody::Memory(b) if b.len() > SEND_APART_OVER => Some(b),
+        RequestBody::Memory(b) if b.len() > SEND_APART_OVER => Some(b.clone()),
         _ => None,
     }
 }

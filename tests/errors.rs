@@ -190,6 +190,36 @@ async fn silent_fpm_is_504_read_timeout() {
     assert_eq!(gateway_errors(&g, 504, "read_timeout").await, 3);
 }
 
+/// A script that takes none of a large PUT body (PHP reads it only when asked) and says
+/// nothing for longer than the send timeout: 504 when the send timeout runs out, not when
+/// the script ends.
+#[tokio::test]
+async fn fpm_taking_no_input_is_504_send_timeout() {
+    // Over a unix socket, whose buffers (~200 KiB) fill long before the body ends.
+    let g = gate(
+        &shared_fpm().unix_endpoint(),
+        "    timeouts: { send: 500ms, read: 10s }",
+        "limits: { body_buffer: 1MiB }",
+    );
+    // In memory and spooled to a file.
+    for len in [768 << 10, 3 << 20] {
+        let t = Instant::now();
+        let resp = client()
+            .put(g.url("/sleep.php?ms=2500"))
+            .body(vec![b'b'; len])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 504, "{len}-byte body");
+        assert!(
+            t.elapsed() < Duration::from_secs(2),
+            "{len}-byte body: {:?}",
+            t.elapsed()
+        );
+    }
+    assert_eq!(gateway_errors(&g, 504, "send_timeout").await, 2);
+}
+
 #[tokio::test]
 async fn body_over_max_body_is_413() {
     let g = gate(

@@ -478,6 +478,57 @@ async fn fifty_mib_upload_is_intact() {
     assert_eq!(s(&v, "md5"), md5_hex(&data));
 }
 
+/// A script that writes megabytes of output before it reads its (large) input: the proxy
+/// must forward the answer while it is still sending the body, or both sides wait on full
+/// socket buffers until the send timeout.
+#[tokio::test]
+async fn a_script_answering_before_reading_its_body_gets_it_all() {
+    // Over a unix socket, whose buffers (~200 KiB) fill long before the output ends.
+    let g = gate_for(
+        &shared_fpm().unix_endpoint(),
+        "    timeouts: { send: 2s }",
+        "limits: { body_buffer: 1MiB }",
+    );
+    let out = 4 << 20;
+    // In memory (sent from its buffer) and spooled to a file.
+    for len in [768 << 10, 3 << 20] {
+        let started = Instant::now();
+        let resp = client()
+            .put(g.url(&format!("/answer_first.php?out={out}")))
+            .body(vec![b'b'; len])
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status();
+        let text = resp.text().await.expect("body");
+        assert_eq!(
+            status,
+            200,
+            "{len}-byte body: {}",
+            &text[..text.len().min(300)]
+        );
+        assert_eq!(text.len(), out + format!("\nread {len}\n").len());
+        assert!(
+            text.ends_with(&format!("\nread {len}\n")),
+            "{len}-byte body"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{len}-byte body waited for the send timeout"
+        );
+    }
+    // The rest of each body went out beside the response: the connection was kept.
+    let metrics = g.metrics().await;
+    assert_eq!(
+        metric_value(&metrics, "fpmgate_upstream_connects_total{"),
+        1.0
+    );
+    assert_eq!(
+        metric_value(&metrics, "fpmgate_upstream_connection_reuses_total{"),
+        1.0
+    );
+}
+
 #[tokio::test]
 async fn flushed_output_streams_incrementally() {
     let g = shared_gate();

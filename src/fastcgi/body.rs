@@ -14,6 +14,7 @@ use tokio::time::{Instant, Sleep};
 
 use super::client::{log_stderr, LogCtx};
 use super::codec::{self, ProtocolStatus, RecordType};
+use super::stdin::StdinTail;
 use crate::pool::Conn;
 
 /// When `buf` holds whole records of STDOUT (and STDERR) up to and including an
@@ -58,6 +59,8 @@ pub struct FcgiBody {
     delivered: u64,
     /// Dropped when the body ends or is dropped: holds the pool place and the metrics guard.
     guards: Box<dyn Send + Sync>,
+    /// The request body not yet written when the head came, written as the body streams.
+    tail: Option<StdinTail>,
 }
 
 impl FcgiBody {
@@ -83,6 +86,39 @@ impl FcgiBody {
             declared: None,
             delivered: 0,
             guards,
+            tail: None,
+        }
+    }
+
+    /// The rest of the request, when the script answered before it read all of its input:
+    /// written to FPM as the response is read (progress either way keeps the read timeout
+    /// away). The connection is reused only if all of it went out.
+    pub fn set_stdin_tail(&mut self, tail: Option<StdinTail>) {
+        self.tail = tail;
+    }
+
+    /// Writes what the socket takes of the rest of the request. A failed write ends the
+    /// writing, not the response: FPM may still answer in full, but the connection is not
+    /// reused.
+    fn write_tail(&mut self, cx: &mut Context<'_>) {
+        let (Some(tail), Some(conn)) = (self.tail.as_mut(), self.conn.as_mut()) else {
+            return;
+        };
+        let before = tail.sent();
+        let done = match tail.poll_write(cx, Pin::new(&mut conn.stream)) {
+            Poll::Pending => false,
+            Poll::Ready(Ok(())) => true,
+            Poll::Ready(Err(e)) => {
+                tracing::debug!(request_id = &*self.request_id, endpoint = %conn.endpoint().label, "FPM stopped taking the request body: {e}");
+                self.reusable = false;
+                true
+            }
+        };
+        if tail.sent() != before {
+            self.last_progress = Instant::now();
+        }
+        if done {
+            self.tail = None;
         }
     }
 
@@ -127,7 +163,8 @@ impl FcgiBody {
                 ),
                 _ => {
                     // END_REQUEST (buffered_stdout stops at it, with a clean status).
-                    if self.reusable {
+                    // A request not all written leaves STDIN records to come: not reused.
+                    if self.reusable && self.tail.is_none() {
                         conn.release();
                     }
                     break;
@@ -159,6 +196,7 @@ impl http_body::Body for FcgiBody {
             this.delivered += b.len() as u64;
             return Poll::Ready(Some(Ok(Frame::data(b))));
         }
+        this.write_tail(cx);
         loop {
             let Some(conn) = this.conn.as_mut() else {
                 return Poll::Ready(None);
@@ -195,7 +233,7 @@ impl http_body::Body for FcgiBody {
                             });
                         }
                         let conn = this.conn.take().expect("checked above");
-                        if this.reusable {
+                        if this.reusable && this.tail.is_none() {
                             conn.release();
                         }
                         return Poll::Ready(None);

@@ -19,7 +19,7 @@ impl Drop for FcgiBody {
         // Only a body the client got whole, as declared, is worth finishing: after a client
         // abort the rest of the script's output is not (the connection closes, as before).
         let whole = self.pending.is_none() && self.declared == Some(self.delivered);
-        if !self.reusable || !whole {
+        if !self.reusable || !whole || self.tail.is_some() {
             return;
         }
         match finish_buffered(&mut conn, &self.request_id) {

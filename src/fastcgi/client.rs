@@ -5,17 +5,20 @@
 //! PHP-FPM never multiplexes, so the request id is always 1. A response truncated before
 //! END_REQUEST is an error, never a short success.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::task::Poll;
 use std::time::Duration;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::time::Instant;
 
 use super::cgi::{CgiError, CgiHead, HeadParser};
 use super::codec::{self, ProtocolStatus, RecordType};
 use super::conn::READ_BUF;
+pub use super::stdin::{Source, StdinTail};
 use crate::error::ProxyError;
 use crate::pool::Conn;
 
@@ -26,16 +29,27 @@ pub const REQUEST_ID: u16 = 1;
 /// the socket buffer, so FPM cannot deadlock us by answering before reading its STDIN.
 const SEQUENTIAL_WRITE_MAX: usize = 64 * 1024;
 
-/// What goes to FPM: the encoded records, and a spooled body to stream after them.
-pub struct Outgoing<'a> {
+/// What goes to FPM: the encoded records, and a large body to write after them.
+pub struct Outgoing {
     /// BEGIN_REQUEST, PARAMS, and (for small in-memory bodies) every STDIN record with the
     /// empty terminator.
-    pub wire: &'a [u8],
-    /// A spooled body whose STDIN records (and terminator) are written after `wire`.
-    pub file: Option<(std::fs::File, u64)>,
-    /// A large in-memory body, written after `wire` as STDIN records straight from its
-    /// buffer (record headers and slices of it, vectored), not copied into `wire`.
-    pub memory: Option<&'a [u8]>,
+    pub wire: Bytes,
+    /// A body written after `wire` as STDIN records, from its own buffer or its spool
+    /// file; [`Source::Nothing`] when `wire` holds the whole request.
+    pub body: Source,
+}
+
+/// A response head, and what comes with it.
+pub struct Answer {
+    /// The CGI head.
+    pub head: CgiHead,
+    /// The body bytes that followed the head.
+    pub rest: Bytes,
+    /// The connection can serve another request once this one ends.
+    pub reusable: bool,
+    /// The request not yet written when the head came: the response body goes on writing
+    /// it (the script answered before it read all of its input).
+    pub tail: Option<StdinTail>,
 }
 
 /// A failed exchange, with what the retry rule needs to know.
@@ -78,17 +92,18 @@ fn protocol(msg: String, any_byte: bool) -> Failure {
 /// bytes that followed it; the connection's buffer holds whatever came after.
 pub async fn send(
     conn: &mut Conn,
-    out: Outgoing<'_>,
+    out: Outgoing,
     read_timeout: Duration,
     send_timeout: Duration,
     max_header: usize,
     log: LogCtx<'_>,
-) -> Result<(CgiHead, Bytes, bool), Failure> {
-    if out.file.is_none() && out.memory.is_none() && out.wire.len() <= SEQUENTIAL_WRITE_MAX {
+) -> Result<Answer, Failure> {
+    let small = matches!(out.body, Source::Nothing) && out.wire.len() <= SEQUENTIAL_WRITE_MAX;
+    if small {
         // Nearly always the socket takes the whole request at once: try that before arming
         // the send timer.
         let first = std::future::poll_fn(|cx| {
-            Poll::Ready(match Pin::new(&mut conn.stream).poll_write(cx, out.wire) {
+            Poll::Ready(match Pin::new(&mut conn.stream).poll_write(cx, &out.wire) {
                 Poll::Ready(r) => r,
                 Poll::Pending => Ok(0),
             })
@@ -98,126 +113,107 @@ pub async fn send(
             Ok(n) => n,
             Err(e) => return Err(closed(e, false)),
         };
-        if sent == out.wire.len() {
-            return read_head(conn, read_timeout, max_header, log).await;
-        }
-        let rest = &out.wire[sent..];
-        match tokio::time::timeout(send_timeout, conn.stream.write_all(rest)).await {
-            Err(_) => {
-                return Err(Failure {
-                    error: ProxyError::SendTimeout,
-                    any_byte: false,
-                    closed: false,
-                })
+        if sent < out.wire.len() {
+            let rest = &out.wire[sent..];
+            match tokio::time::timeout(send_timeout, conn.stream.write_all(rest)).await {
+                Err(_) => {
+                    return Err(Failure {
+                        error: ProxyError::SendTimeout,
+                        any_byte: false,
+                        closed: false,
+                    })
+                }
+                Ok(Err(e)) => return Err(closed(e, false)),
+                Ok(Ok(())) => {}
             }
-            Ok(Err(e)) => return Err(closed(e, false)),
-            Ok(Ok(())) => {}
         }
-        return read_head(conn, read_timeout, max_header, log).await;
+        let (head, rest) = read_head(conn, read_timeout, max_header, log).await?;
+        return Ok(Answer {
+            head,
+            rest,
+            reusable: true,
+            tail: None,
+        });
     }
-    // Large bodies: write and read at the same time, so a script that answers before it has
-    // read all of its input cannot deadlock against us.
+    // Large requests: write while reading, so a script that answers before it has read all
+    // of its input cannot stall against us. Once the head is in, what is left of the
+    // request goes on with the response body.
+    let mut tail = StdinTail::new(out.wire, out.body);
     let Conn { stream, buf, .. } = conn;
-    let (mut rd, mut wr) = tokio::io::split(stream);
-    let write = async {
-        if let Some(body) = out.memory {
-            // The wire buffer, then each STDIN record as its header and a slice of the
-            // body, then the terminator: one vectored write where the socket takes it all.
-            let chunks = body.chunks(codec::MAX_CONTENT_LEN);
-            let headers: Vec<[u8; codec::HEADER_LEN]> = chunks
-                .clone()
-                .map(|c| stdin_header(c.len()))
-                .chain([stdin_header(0)])
-                .collect();
-            let mut parts = vec![io::IoSlice::new(out.wire)];
-            for (h, c) in headers.iter().zip(chunks) {
-                parts.extend([io::IoSlice::new(h), io::IoSlice::new(c)]);
+    let (mut rd, mut wr) = tokio::io::split(&mut *stream);
+    let (read, wrote) = {
+        let write = write_timed(&mut tail, &mut wr, send_timeout);
+        let read = read_head_from(&mut rd, buf, read_timeout, max_header, log);
+        tokio::pin!(write, read);
+        let mut wrote: Option<io::Result<()>> = None;
+        loop {
+            tokio::select! {
+                // The write first: the request goes out before the first read is tried.
+                biased;
+                w = &mut write, if wrote.is_none() => match w {
+                    // FPM took none of its input for the whole send timeout.
+                    Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                        return Err(Failure {
+                            error: ProxyError::SendTimeout,
+                            any_byte: true,
+                            closed: false,
+                        });
+                    }
+                    w => wrote = Some(w),
+                },
+                r = &mut read => break (r, wrote),
             }
-            parts.extend(headers.last().map(|h| io::IoSlice::new(h)));
-            write_all_vectored(&mut wr, &mut parts, send_timeout).await?;
-            return Ok(());
         }
-        tokio::time::timeout(send_timeout, wr.write_all(out.wire))
-            .await
-            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "send timeout"))??;
-        if let Some((file, len)) = out.file {
-            write_file(&mut wr, file, len, send_timeout).await?;
-        }
-        Ok::<(), io::Error>(())
     };
-    let read = read_head_from(&mut rd, buf, read_timeout, max_header, log);
-    let (w, r) = tokio::join!(write, read);
-    match (w, r) {
-        (_, Err(f)) => Err(f),
-        (Err(e), Ok(_)) if e.kind() == io::ErrorKind::TimedOut => Err(Failure {
-            error: ProxyError::SendTimeout,
-            any_byte: true,
-            closed: false,
-        }),
-        // FPM answered without reading all of its input: the response is fine, the
-        // connection is not (STDIN records may still be in flight), so it must not be reused.
-        (Err(_), Ok((head, rest, _))) => Ok((head, rest, false)),
-        (Ok(()), Ok(v)) => Ok(v),
-    }
+    let (head, rest) = read?;
+    Ok(match wrote {
+        Some(Ok(())) => Answer {
+            head,
+            rest,
+            reusable: true,
+            tail: None,
+        },
+        // FPM answered and closed its end of the input: the response is fine, the
+        // connection is not (STDIN records may still be in flight), so it is not reused.
+        Some(Err(_)) => Answer {
+            head,
+            rest,
+            reusable: false,
+            tail: None,
+        },
+        None => Answer {
+            head,
+            rest,
+            reusable: true,
+            tail: Some(tail),
+        },
+    })
 }
 
-async fn write_file<W: AsyncWrite + Unpin>(
+/// Writes the request to its end, failing when a write makes no progress for `timeout`.
+async fn write_timed<W: AsyncWrite + Unpin>(
+    tail: &mut StdinTail,
     wr: &mut W,
-    file: std::fs::File,
-    len: u64,
-    send_timeout: Duration,
+    timeout: Duration,
 ) -> io::Result<()> {
-    let mut file = tokio::fs::File::from_std(file);
-    let mut remaining = len;
-    let mut chunk = vec![0u8; codec::MAX_CONTENT_LEN];
-    while remaining > 0 {
-        let want = remaining.min(codec::MAX_CONTENT_LEN as u64) as usize;
-        file.read_exact(&mut chunk[..want]).await?;
-        write_stdin(wr, &chunk[..want], send_timeout).await?;
-        remaining -= want as u64;
-    }
-    write_stdin(wr, &[], send_timeout).await?;
-    wr.flush().await
-}
-
-/// The header of a STDIN record of `len` (≤ `MAX_CONTENT_LEN`) bytes; 0 is the terminator.
-fn stdin_header(len: usize) -> [u8; codec::HEADER_LEN] {
-    let len = u16::try_from(len).unwrap_or(u16::MAX);
-    codec::record_header(RecordType::Stdin, REQUEST_ID, len, 0)
-}
-
-/// One STDIN record of at most `MAX_CONTENT_LEN` bytes (empty: the terminator), its header
-/// and content in one vectored write where the socket takes it.
-async fn write_stdin<W: AsyncWrite + Unpin>(
-    wr: &mut W,
-    content: &[u8],
-    send_timeout: Duration,
-) -> io::Result<()> {
-    let content = content.get(..codec::MAX_CONTENT_LEN).unwrap_or(content);
-    let header = stdin_header(content.len());
-    let mut both = Buf::chain(&header[..], content);
-    tokio::time::timeout(send_timeout, wr.write_all_buf(&mut both))
-        .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "send timeout"))?
-}
-
-/// Writes every slice, each write call within `send_timeout`.
-async fn write_all_vectored<W: AsyncWrite + Unpin>(
-    wr: &mut W,
-    mut parts: &mut [io::IoSlice<'_>],
-    send_timeout: Duration,
-) -> io::Result<()> {
-    io::IoSlice::advance_slices(&mut parts, 0);
-    while !parts.is_empty() {
-        let n = tokio::time::timeout(send_timeout, wr.write_vectored(parts))
-            .await
-            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "send timeout"))??;
-        if n == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
+    let sleep = tokio::time::sleep(timeout);
+    tokio::pin!(sleep);
+    std::future::poll_fn(|cx| {
+        let before = tail.sent();
+        if let Poll::Ready(r) = tail.poll_write(cx, Pin::new(&mut *wr)) {
+            return Poll::Ready(r);
         }
-        io::IoSlice::advance_slices(&mut parts, n);
-    }
-    Ok(())
+        if tail.sent() != before {
+            sleep.as_mut().reset(Instant::now() + timeout);
+        }
+        match sleep.as_mut().poll(cx) {
+            Poll::Ready(()) => {
+                Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "send timeout")))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    })
+    .await
 }
 
 async fn read_head(
@@ -225,7 +221,7 @@ async fn read_head(
     read_timeout: Duration,
     max_header: usize,
     log: LogCtx<'_>,
-) -> Result<(CgiHead, Bytes, bool), Failure> {
+) -> Result<(CgiHead, Bytes), Failure> {
     let Conn { stream, buf, .. } = conn;
     // A response starts with a whole buffer of room. A kept connection came back with what
     // was left of its buffer; by now the last response has usually been sent, and this
@@ -236,15 +232,15 @@ async fn read_head(
     read_head_from(stream, buf, read_timeout, max_header, log).await
 }
 
-/// Reads records until the CGI head is complete. Returns (head, body bytes after it,
-/// write_ok=true).
+/// Reads records until the CGI head is complete. Returns the head and the body bytes after
+/// it.
 async fn read_head_from<R: tokio::io::AsyncRead + Unpin>(
     rd: &mut R,
     buf: &mut BytesMut,
     read_timeout: Duration,
     max_header: usize,
     log: LogCtx<'_>,
-) -> Result<(CgiHead, Bytes, bool), Failure> {
+) -> Result<(CgiHead, Bytes), Failure> {
     let mut parser = HeadParser::new(max_header);
     let mut any_byte = false;
     loop {
@@ -252,7 +248,7 @@ async fn read_head_from<R: tokio::io::AsyncRead + Unpin>(
             Err(e) => return Err(protocol(e.to_string(), true)),
             Ok(Some(rec)) => match rec.kind {
                 RecordType::Stdout => match parser.push(rec.content) {
-                    Ok(Some((head, rest))) => return Ok((head, rest, true)),
+                    Ok(Some((head, rest))) => return Ok((head, rest)),
                     Ok(None) => {}
                     Err(CgiError::TooLarge) => {
                         return Err(Failure {

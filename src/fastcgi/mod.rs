@@ -6,3 +6,4 @@ pub mod cgi;
 pub mod client;
 pub mod codec;
 pub mod conn;
+pub mod stdin;
