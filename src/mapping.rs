@@ -182,8 +182,9 @@ pub enum Resolved {
 ///    is what stops `/uploads/evil.jpg/x.php` from running the JPEG through
 ///    FPM's `cgi.fix_pathinfo`) -> `NotFound`;
 /// 2. `local` says the path is a file and no segment is hidden -> `Static`;
-/// 3. `index` set -> the front controller `"/" + index` (also subject to the
-///    `local` check, as nginx re-runs the PHP location after `try_files`);
+/// 3. `index` set -> with `local`, a directory path ending in `/` that holds a script of
+///    that name runs it (nginx's `index`); else the front controller `"/" + index` (also
+///    subject to the `local` check, as nginx re-runs the PHP location after `try_files`);
 /// 4. `NotFound`.
 ///
 /// Hidden segments (`.env`, `.git/config`) are never served statically,
@@ -214,6 +215,24 @@ pub fn resolve(
     let Some(index) = index.map(|i| i.trim_start_matches('/')) else {
         return Resolved::NotFound;
     };
+    if let Some(local) = local {
+        // A directory asked for with its slash runs its own index script, as nginx's
+        // `index` does: `/wp-admin/` is `/wp-admin/index.php`. Without the slash (relative
+        // links would resolve one level up), or without one there, the front controller.
+        let bare = !index.contains('/');
+        if bare && path.len() > 1 && path.ends_with('/') && local(path) == LocalFile::Dir {
+            let own = format!("{path}{index}");
+            let whole =
+                split_script(&own).is_some_and(|(s, info)| s.len() == own.len() && info.is_empty());
+            if whole && local(&own) == LocalFile::File {
+                return Resolved::Script {
+                    script_name: own.clone(),
+                    path_info: String::new(),
+                    document_uri: own,
+                };
+            }
+        }
+    }
     let mut script = String::with_capacity(index.len() + 1);
     script.push('/');
     script.push_str(index);

@@ -229,7 +229,8 @@ fn tree(path: &str) -> LocalFile {
     match path {
         "/index.php" | "/uploads/evil.jpg" | "/.env" | "/robots.txt" | "/x.PHP" => LocalFile::File,
         "/.well-known/security.txt" | "/info.php" | "/.git/config" => LocalFile::File,
-        "/" | "/uploads" | "/uploads/" | "/app/" => LocalFile::Dir,
+        "/wp-admin/index.php" | "/wp-admin/index.php/" => LocalFile::File,
+        "/" | "/uploads" | "/uploads/" | "/app/" | "/wp-admin" | "/wp-admin/" => LocalFile::Dir,
         _ => LocalFile::Missing,
     }
 }
@@ -273,6 +274,15 @@ fn resolve_with_local_tree() {
     assert_eq!(r("/app/", Some("index.php")), front());
     assert_eq!(r("/app/page", Some("/index.php")), front());
     assert_eq!(r("/app/page", None), Resolved::NotFound);
+    // A directory with its own index script runs it when asked for with its slash
+    // (WordPress's /wp-admin/); without the slash the front controller answers (WordPress
+    // redirects to the slash). Without `index`, neither.
+    let own = script("/wp-admin/index.php", "", "/wp-admin/index.php");
+    assert_eq!(r("/wp-admin/", Some("index.php")), own);
+    assert_eq!(r("/wp-admin", Some("index.php")), front());
+    assert_eq!(r("/wp-admin/", None), Resolved::NotFound);
+    assert_eq!(r("/uploads/", Some("index.php")), front());
+    assert_eq!(r("/wp-admin/", Some("app/index.php")), Resolved::NotFound);
     // A front controller missing from the tree is a 404, as nginx's PHP
     // location try_files gives after the internal redirect.
     assert_eq!(r("/app/page", Some("missing.php")), Resolved::NotFound);

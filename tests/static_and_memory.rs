@@ -136,6 +136,31 @@ async fn static_files_conditional_range_and_head() {
     );
 }
 
+/// nginx's `index`: a directory asked for with its slash runs its own index script
+/// (WordPress's `/wp-admin/`); without the slash, the front controller answers.
+#[tokio::test]
+async fn a_directory_with_its_slash_runs_its_own_index_script() {
+    let g = gate_with_static(&php_root());
+    let get = |path: &str| {
+        let url = g.url(path);
+        async move {
+            let resp = client().get(url).send().await.unwrap();
+            assert_eq!(resp.status(), 200);
+            resp.json::<serde_json::Value>().await.unwrap()
+        }
+    };
+    let v = get("/admin/?tab=1").await;
+    assert_eq!(v["SCRIPT_NAME"], "/admin/index.php");
+    assert_eq!(v["DOCUMENT_URI"], "/admin/index.php");
+    assert_eq!(v["REQUEST_URI"], "/admin/?tab=1");
+    let v = get("/admin").await;
+    assert_eq!(v["SCRIPT_NAME"], "/index.php");
+    assert_eq!(v["_front"], true);
+    // A directory without a script of that name: the front controller.
+    let v = get("/uploads/").await;
+    assert_eq!(v["SCRIPT_NAME"], "/index.php");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hundred_mib_static_file_streams_with_flat_memory() {
     let dir = tempfile::tempdir().unwrap();
