@@ -254,7 +254,9 @@ impl Proxy {
                 } => (script_name, path_info, document_uri),
                 Resolved::Static => {
                     let dir = vhost.static_dir.as_ref().ok_or(ProxyError::NotFound)?;
-                    return static_files::serve(dir, &path, &parts.method, &parts.headers).await;
+                    let (method, headers) = (&parts.method, &parts.headers);
+                    return static_files::serve(dir, &path, method, headers, vhost.follow_symlinks)
+                        .await;
                 }
                 Resolved::NotFound => return Err(ProxyError::NotFound),
             };

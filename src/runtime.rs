@@ -37,6 +37,8 @@ pub struct Vhost {
     pub index: Option<String>,
     /// Local document tree served directly.
     pub static_dir: Option<PathBuf>,
+    /// Static files may be symlinks leading out of the tree.
+    pub follow_symlinks: bool,
 }
 
 /// A compiled, live configuration.
@@ -205,6 +207,7 @@ pub fn build(
             root: vc.root.clone(),
             index: vc.index.clone(),
             static_dir: vc.static_dir.clone(),
+            follow_symlinks: vc.follow_symlinks,
         });
     }
 

@@ -1,6 +1,7 @@
 //! Direct serving of files from a vhost's `static` tree: existing regular files only, never
-//! outside the tree (symlinks resolved and checked), with content type, ETag, Last-Modified
-//! and conditional GET. Streamed from disk in bounded chunks.
+//! outside the tree (symlinks resolved and checked) unless the vhost has `follow_symlinks`,
+//! with content type, ETag, Last-Modified and conditional GET. Streamed from disk in
+//! bounded chunks.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -38,6 +39,7 @@ pub async fn serve(
     path: &str,
     method: &Method,
     headers: &HeaderMap,
+    follow_symlinks: bool,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     if method != Method::GET && method != Method::HEAD {
         let mut resp = Response::new(ProxyBody::full("405 Method Not Allowed\n"));
@@ -46,17 +48,22 @@ pub async fn serve(
             .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
         return Ok(resp);
     }
-    let full = join(dir, path);
-    // Symlinks may point anywhere; what they resolve to must still be inside the tree.
-    let (real, root) = match (
-        tokio::fs::canonicalize(&full).await,
-        tokio::fs::canonicalize(dir).await,
-    ) {
-        (Ok(r), Ok(d)) => (r, d),
-        _ => return Err(ProxyError::NotFound),
-    };
-    if !real.starts_with(&root) {
-        return Err(ProxyError::NotFound);
+    let mut real = join(dir, path);
+    if !follow_symlinks {
+        // Symlinks may point anywhere; what they resolve to must still be inside the tree.
+        let root = match (
+            tokio::fs::canonicalize(&real).await,
+            tokio::fs::canonicalize(dir).await,
+        ) {
+            (Ok(r), Ok(d)) => {
+                real = r;
+                d
+            }
+            _ => return Err(ProxyError::NotFound),
+        };
+        if !real.starts_with(&root) {
+            return Err(ProxyError::NotFound);
+        }
     }
     let file = tokio::fs::File::open(&real)
         .await

@@ -10,6 +10,10 @@ use std::time::Duration;
 use support::{client, php_root, shared_fpm, Gate};
 
 fn gate_with_static(dir: &std::path::Path) -> Gate {
+    gate_with_static_and(dir, "")
+}
+
+fn gate_with_static_and(dir: &std::path::Path, vhost_extra: &str) -> Gate {
     Gate::start(&format!(
         r#"
 listen: [ {{ bind: "127.0.0.1:0" }} ]
@@ -22,11 +26,13 @@ vhosts:
     static: {}
     pool: main
     index: index.php
+{}
 access_log: off
 "#,
         shared_fpm().endpoint(),
         php_root().display(),
-        dir.display()
+        dir.display(),
+        vhost_extra,
     ))
 }
 
@@ -159,6 +165,36 @@ async fn a_directory_with_its_slash_runs_its_own_index_script() {
     // A directory without a script of that name: the front controller.
     let v = get("/uploads/").await;
     assert_eq!(v["SCRIPT_NAME"], "/index.php");
+}
+
+/// A symlink out of the static tree (Laravel's `public/storage -> ../storage/app/public`)
+/// is not followed unless the vhost says `follow_symlinks: true`; one inside always is.
+#[tokio::test]
+async fn symlinks_out_of_the_static_tree_need_follow_symlinks() {
+    let top = tempfile::tempdir().unwrap();
+    let public = top.path().join("public");
+    let shared = top.path().join("storage/app/public");
+    std::fs::create_dir_all(&public).unwrap();
+    std::fs::create_dir_all(&shared).unwrap();
+    std::fs::write(shared.join("avatar.txt"), "uploaded").unwrap();
+    std::fs::write(public.join("app.css"), "body{}").unwrap();
+    std::os::unix::fs::symlink("../storage/app/public", public.join("storage")).unwrap();
+    std::os::unix::fs::symlink("app.css", public.join("alias.css")).unwrap();
+    for (extra, out) in [("", 404), ("    follow_symlinks: true", 200)] {
+        let g = gate_with_static_and(&public, extra);
+        let r = client()
+            .get(g.url("/storage/avatar.txt"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), out, "{extra:?}");
+        if out == 200 {
+            assert_eq!(r.text().await.unwrap(), "uploaded");
+        }
+        let r = client().get(g.url("/alias.css")).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{extra:?}");
+        assert_eq!(r.text().await.unwrap(), "body{}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -227,6 +227,10 @@ pub struct VhostSpec {
     /// directory. Default: none.
     #[serde(rename = "static")]
     pub static_dir: Option<Text>,
+    /// Serve files from `static` that symlinks inside it point at wherever they lead, as
+    /// nginx does by default (Laravel's `public/storage`). Default: false, only targets
+    /// inside the tree.
+    pub follow_symlinks: Option<Spanned<bool>>,
     /// Per-path pool overrides, first match wins. Default: none.
     pub routes: Option<Vec<RouteSpec>>,
 }

@@ -311,8 +311,16 @@ fn vhost_root_index_and_static() {
             file.display()
         ),
     );
+    let yaml = yaml + "  - hosts: [c]\n    root: /c\n    pool: app\n    follow_symlinks: true\n";
     let errs = s.parse(&yaml).expect_err("invalid");
-    assert_eq!(errs.len(), 5, "{}", format_errors(Path::new("t"), &errs));
+    assert_eq!(errs.len(), 6, "{}", format_errors(Path::new("t"), &errs));
+    assert_error(
+        &errs,
+        &yaml,
+        "vhosts[2].follow_symlinks",
+        "follow_symlinks: true",
+        "`static`, which is not set",
+    );
     assert_error(&errs, &yaml, "vhosts[0].root", "var/www", "absolute path");
     assert_error(
         &errs,

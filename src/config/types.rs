@@ -301,6 +301,8 @@ pub struct VhostConfig {
     pub index: Option<String>,
     /// Local copy of the document tree (an existing directory), if set.
     pub static_dir: Option<PathBuf>,
+    /// Static files may be symlinks to anywhere, not only inside `static_dir`.
+    pub follow_symlinks: bool,
     /// Routes, first match wins.
     pub routes: Vec<RouteConfig>,
 }

@@ -75,6 +75,14 @@ impl Ctx {
                 .static_dir
                 .as_ref()
                 .and_then(|t| self.static_dir(t, &format!("{p}.static")));
+            let follow_symlinks = spec.follow_symlinks.as_ref().is_some_and(|f| f.value);
+            if follow_symlinks && spec.static_dir.is_none() {
+                self.err(
+                    &format!("{p}.follow_symlinks"),
+                    spec.follow_symlinks.as_ref().and_then(loc),
+                    "follow_symlinks applies to files served from `static`, which is not set",
+                );
+            }
             let routes = self.routes(spec.routes.unwrap_or_default(), &p, pools);
             if let (Some(root), Some(pool)) = (root, pool) {
                 out.push(VhostConfig {
@@ -83,6 +91,7 @@ impl Ctx {
                     pool,
                     index,
                     static_dir,
+                    follow_symlinks,
                     routes,
                 });
             }
