@@ -14,7 +14,7 @@ use tokio::time::Instant;
 
 use crate::access::{AccessRecord, Completion};
 use crate::body::{self, BodyLimits};
-use crate::config::{AccessLogFormat, Cidr};
+use crate::config::{AccessLogFormat, Cidr, RealIpHeader};
 use crate::error::ProxyError;
 use crate::mapping::{self, AddrText, LocalFile, RequestFacts, Resolved};
 use crate::metrics::Metrics;
@@ -103,7 +103,8 @@ impl Proxy {
         let rt = self.shared.load_full();
         let trusted = is_trusted(&rt.config.trusted_proxies, conn.remote.ip());
         let client = if trusted {
-            forwarded_client(req.headers(), &rt.config.trusted_proxies).unwrap_or(conn.remote.ip())
+            let (nets, header) = (&rt.config.trusted_proxies, rt.config.real_ip_header);
+            forwarded_client(req.headers(), nets, header).unwrap_or(conn.remote.ip())
         } else {
             conn.remote.ip()
         };
@@ -353,10 +354,14 @@ fn is_trusted(nets: &[Cidr], ip: IpAddr) -> bool {
 /// Entries left of it are never read: the client wrote those, and one it garbled must not
 /// make the answer a proxy's own address. An entry that does not parse ends the walk at the
 /// last trusted proxy passed, as does a list of trusted proxies only. Without the header,
-/// `X-Real-IP`.
-fn forwarded_client(headers: &http::HeaderMap, trusted: &[Cidr]) -> Option<IpAddr> {
+/// or when the config names it as the one to believe, `X-Real-IP`.
+fn forwarded_client(
+    headers: &http::HeaderMap,
+    trusted: &[Cidr],
+    which: RealIpHeader,
+) -> Option<IpAddr> {
     let mut values = headers.get_all("x-forwarded-for").iter().rev().peekable();
-    if values.peek().is_none() {
+    if which == RealIpHeader::XRealIp || values.peek().is_none() {
         return headers
             .get("x-real-ip")
             .and_then(|v| v.to_str().ok())
@@ -538,6 +543,10 @@ mod tests {
     use super::*;
 
     fn client_of(xff: &[&str], real_ip: Option<&str>) -> Option<IpAddr> {
+        client_by(xff, real_ip, RealIpHeader::XForwardedFor)
+    }
+
+    fn client_by(xff: &[&str], real_ip: Option<&str>, which: RealIpHeader) -> Option<IpAddr> {
         let mut h = http::HeaderMap::new();
         for v in xff {
             h.append("x-forwarded-for", HeaderValue::from_str(v).unwrap());
@@ -546,7 +555,7 @@ mod tests {
             h.insert("x-real-ip", HeaderValue::from_str(v).unwrap());
         }
         let trusted = [Cidr::parse("10.0.0.0/8").unwrap()];
-        forwarded_client(&h, &trusted)
+        forwarded_client(&h, &trusted, which)
     }
 
     fn ip(s: &str) -> Option<IpAddr> {
@@ -588,5 +597,12 @@ mod tests {
             client_of(&["203.0.113.7"], Some("198.51.100.9")),
             ip("203.0.113.7")
         );
+        // Configured to believe X-Real-IP: the client's own X-Forwarded-For is ignored.
+        let real = RealIpHeader::XRealIp;
+        assert_eq!(
+            client_by(&["127.0.0.1"], Some("198.51.100.9"), real),
+            ip("198.51.100.9")
+        );
+        assert_eq!(client_by(&["203.0.113.7"], None, real), None);
     }
 }

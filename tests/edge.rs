@@ -164,6 +164,14 @@ async fn trusted_forwarded_for_sets_remote_addr() {
     let v = body_json(&raw(&g, b"GET /server.php HTTP/1.1\r\nHost: x\r\nX-Real-IP: 198.51.100.9\r\nConnection: close\r\n\r\n"));
     assert_eq!(v["REMOTE_ADDR"], "198.51.100.9");
 
+    // A front that sets X-Real-IP and passes the client's X-Forwarded-For on untouched.
+    let g = gate(
+        "trusted_proxies: [127.0.0.0/8]\nreal_ip_header: x-real-ip\naccess_log: off",
+        "",
+    );
+    let v = body_json(&raw(&g, b"GET /server.php HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 10.1.2.3\r\nX-Real-IP: 198.51.100.9\r\nConnection: close\r\n\r\n"));
+    assert_eq!(v["REMOTE_ADDR"], "198.51.100.9");
+
     // From an untrusted peer the header is only data.
     let g = gate("trusted_proxies: [10.0.0.0/8]", "");
     let v = body_json(&raw(&g, b"GET /server.php HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 203.0.113.7\r\nX-Request-Id: spoofed\r\nConnection: close\r\n\r\n"));

@@ -79,6 +79,24 @@ pub fn compile(spec: ConfigSpec, path: &Path) -> Result<Config, Vec<ConfigError>
             }
         })
         .collect();
+    let real_ip_header = match spec.real_ip_header.as_ref() {
+        None => super::RealIpHeader::XForwardedFor,
+        Some(t) if t.value.eq_ignore_ascii_case("x-forwarded-for") => {
+            super::RealIpHeader::XForwardedFor
+        }
+        Some(t) if t.value.eq_ignore_ascii_case("x-real-ip") => super::RealIpHeader::XRealIp,
+        Some(t) => {
+            cx.err(
+                "real_ip_header",
+                loc(t),
+                format!(
+                    "unknown real_ip_header `{}`, expected x-forwarded-for or x-real-ip",
+                    t.value
+                ),
+            );
+            super::RealIpHeader::XForwardedFor
+        }
+    };
     let access_log = match spec.access_log.as_ref().map(|t| (t.value.as_str(), t)) {
         None | Some(("combined", _)) => super::AccessLogFormat::Combined,
         Some(("json", _)) => super::AccessLogFormat::Json,
@@ -98,6 +116,7 @@ pub fn compile(spec: ConfigSpec, path: &Path) -> Result<Config, Vec<ConfigError>
     }
     Ok(Config {
         trusted_proxies,
+        real_ip_header,
         access_log,
         path: path.to_path_buf(),
         listeners,

@@ -31,7 +31,7 @@ pub use types::DnsConfig;
 pub use types::{
     AccessLogFormat, AdminConfig, BalancePolicy, Cidr, Config, EndpointAddr, EndpointConfig,
     HealthConfig, KeepaliveConfig, Limits, ListenerConfig, PassiveConfig, PoolConfig, QueueConfig,
-    RouteConfig, RouteMatch, TimeoutsConfig, TlsCertConfig, VhostConfig,
+    RealIpHeader, RouteConfig, RouteMatch, TimeoutsConfig, TlsCertConfig, VhostConfig,
 };
 pub use units::{parse_duration, parse_size};
 

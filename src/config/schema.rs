@@ -37,6 +37,11 @@ pub struct ConfigSpec {
     /// Peers (CIDRs) whose `X-Forwarded-For` / `X-Real-IP` / PROXY protocol header is
     /// believed for REMOTE_ADDR. Default: none.
     pub trusted_proxies: Option<Vec<Text>>,
+    /// The header a trusted proxy names the client in: `x-forwarded-for` (right-most
+    /// untrusted hop; `X-Real-IP` only when it is absent) or `x-real-ip` (only that one, for
+    /// fronts that set X-Real-IP and pass the client's X-Forwarded-For on untouched).
+    /// Default `x-forwarded-for`.
+    pub real_ip_header: Option<Text>,
     /// Access log format: `combined`, `json` or `off`. Default `combined`.
     pub access_log: Option<Text>,
 }

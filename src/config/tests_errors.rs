@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use super::tests::{assert_error, errors, with_pool_keys, Scratch, MINIMAL};
+use super::tests::{assert_error, errors, ok, with_pool_keys, Scratch, MINIMAL};
 use super::*;
 
 #[test]
@@ -429,4 +429,21 @@ fn bind_conflicts_name_the_right_listener_and_admin_token() {
         "already bound by listen[1].bind",
     );
     assert_error(&errs, &yaml, "admin.token", "token", "must not be empty");
+}
+
+#[test]
+fn real_ip_header_names_one_of_two_headers() {
+    assert_eq!(ok(MINIMAL).real_ip_header, RealIpHeader::XForwardedFor);
+    let real = format!("{MINIMAL}trusted_proxies: [10.0.0.0/8]\nreal_ip_header: X-Real-IP\n");
+    assert_eq!(ok(&real).real_ip_header, RealIpHeader::XRealIp);
+    let yaml = format!("{MINIMAL}real_ip_header: cf-connecting-ip\n");
+    let errs = errors(&yaml);
+    assert_eq!(errs.len(), 1, "{}", format_errors(Path::new("t"), &errs));
+    assert_error(
+        &errs,
+        &yaml,
+        "real_ip_header",
+        "cf-connecting-ip",
+        "expected x-forwarded-for or x-real-ip",
+    );
 }

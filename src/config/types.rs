@@ -31,8 +31,19 @@ pub struct Config {
     pub workers: Option<usize>,
     /// Peers whose forwarded-client headers are believed.
     pub trusted_proxies: Vec<Cidr>,
+    /// Which of those headers names the client.
+    pub real_ip_header: RealIpHeader,
     /// Access log format.
     pub access_log: AccessLogFormat,
+}
+
+/// The header a trusted proxy names the client in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RealIpHeader {
+    /// `X-Forwarded-For`, right-most untrusted hop; `X-Real-IP` when it is absent.
+    XForwardedFor,
+    /// `X-Real-IP` only.
+    XRealIp,
 }
 
 /// How each request is logged on the `fpmgate::access` target.
