@@ -1,8 +1,9 @@
 //! The PROXY protocol (HAProxy's, v1 text and v2 binary) on listeners behind an L4 load
 //! balancer: the client's real address arrives as a header before any TLS or HTTP byte.
 //!
-//! Only the header is consumed (peeked first, then read exactly), so the TLS handshake or
-//! HTTP request that follows is untouched. A connection whose first bytes are not a valid
+//! Only the header is consumed (peeked first, then read exactly; a header split across
+//! segments is read a byte at a time for v1, by its announced length for v2), so the TLS
+//! handshake or HTTP request that follows is untouched. A connection whose first bytes are not a valid
 //! header is refused: on a listener configured for it, a missing header means someone
 //! bypassed the load balancer.
 
@@ -47,37 +48,51 @@ async fn read_inner(
     stream: &mut TcpStream,
 ) -> Result<Option<(SocketAddr, SocketAddr)>, ProxyHeaderError> {
     let mut peek = [0u8; 232];
-    // Peek until we know which version and how long the header is.
-    loop {
-        let n = stream.peek(&mut peek).await?;
-        if n == 0 {
-            return Err(ProxyHeaderError::Invalid(
-                "connection closed before the header",
-            ));
+    let n = stream.peek(&mut peek).await?;
+    if n == 0 {
+        return Err(ProxyHeaderError::Invalid(
+            "connection closed before the header",
+        ));
+    }
+    let seen = &peek[..n];
+    if b"PROXY ".starts_with(&seen[..n.min(6)]) {
+        // Nearly always the whole line came in one segment.
+        if let Some(end) = seen.windows(2).position(|w| w == b"\r\n") {
+            let mut line = vec![0u8; end + 2];
+            stream.read_exact(&mut line).await?;
+            return parse_v1(&line[..end]);
         }
-        let seen = &peek[..n];
-        if seen.starts_with(b"PROXY ") {
-            if let Some(end) = seen.windows(2).position(|w| w == b"\r\n") {
-                let mut line = vec![0u8; end + 2];
-                stream.read_exact(&mut line).await?;
-                return parse_v1(&line[..end]);
-            }
-            if n >= V1_MAX {
+        if n >= V1_MAX {
+            return Err(ProxyHeaderError::Invalid("v1 header without CRLF"));
+        }
+        // Split: a byte at a time, each read waiting for data (peeking again would find
+        // the same bytes at once and spin), and nothing past the CRLF is consumed.
+        let mut line = Vec::with_capacity(V1_MAX);
+        while !line.ends_with(b"\r\n") {
+            if line.len() >= V1_MAX {
                 return Err(ProxyHeaderError::Invalid("v1 header without CRLF"));
             }
-        } else if n >= 16 && seen.starts_with(V2_SIG) {
-            let len = usize::from(u16::from_be_bytes([seen[14], seen[15]]));
-            let mut header = vec![0u8; 16 + len];
-            stream.read_exact(&mut header).await?;
-            return parse_v2(&header);
-        } else if !(b"PROXY ".starts_with(&seen[..n.min(6)])
-            || V2_SIG.starts_with(&seen[..n.min(12)]))
-        {
+            line.push(stream.read_u8().await?);
+        }
+        if !line.starts_with(b"PROXY ") {
             return Err(ProxyHeaderError::Invalid("no PROXY protocol signature"));
         }
-        // A prefix of a valid header: wait for more bytes.
-        tokio::time::sleep(Duration::from_millis(2)).await;
+        return parse_v1(&line[..line.len() - 2]);
     }
+    if V2_SIG.starts_with(&seen[..n.min(12)]) {
+        // Fixed part, then the announced length: read exactly, waiting as needed.
+        let mut fixed = [0u8; 16];
+        stream.read_exact(&mut fixed).await?;
+        if &fixed[..12] != V2_SIG {
+            return Err(ProxyHeaderError::Invalid("no PROXY protocol signature"));
+        }
+        let len = usize::from(u16::from_be_bytes([fixed[14], fixed[15]]));
+        let mut header = vec![0u8; 16 + len];
+        header[..16].copy_from_slice(&fixed);
+        stream.read_exact(&mut header[16..]).await?;
+        return parse_v2(&header);
+    }
+    Err(ProxyHeaderError::Invalid("no PROXY protocol signature"))
 }
 
 /// `PROXY TCP4 1.2.3.4 5.6.7.8 1111 2222` (without CRLF).

@@ -33,9 +33,19 @@ vhosts:
 }
 
 fn raw(g: &Gate, bytes: &[u8]) -> String {
+    raw_in_parts(g, &[bytes])
+}
+
+/// Sends each part with a pause between them (separate segments), then reads to the end.
+fn raw_in_parts(g: &Gate, parts: &[&[u8]]) -> String {
     let mut s = TcpStream::connect(g.http).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    s.write_all(bytes).unwrap();
+    for (i, part) in parts.iter().enumerate() {
+        if i > 0 {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        s.write_all(part).unwrap();
+    }
     let mut out = Vec::new();
     let _ = s.read_to_end(&mut out);
     String::from_utf8_lossy(&out).into_owned()
@@ -204,6 +214,14 @@ access_log: off
     assert_eq!(v["REMOTE_PORT"], "40000");
     assert_eq!(v["SERVER_PORT"], "443");
 
+    // Headers split across segments, the split inside the signature and inside the
+    // addresses: read as they come, nothing after them consumed.
+    let (head, tail) = v1.split_at(20);
+    for parts in [[&v1[..3], &v1[3..]], [head, tail]] {
+        let v = body_json(&raw_in_parts(&g, &parts));
+        assert_eq!(v["REMOTE_ADDR"], "192.0.2.10");
+    }
+
     let mut v2 = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
     v2.extend_from_slice(&[
         0x21, 0x11, 0, 12, 198, 51, 100, 1, 198, 51, 100, 2, 0x9c, 0x40, 0x01, 0xbb,
@@ -211,6 +229,10 @@ access_log: off
     v2.extend_from_slice(req);
     let v = body_json(&raw(&g, &v2));
     assert_eq!(v["REMOTE_ADDR"], "198.51.100.1");
+    for cut in [5, 14, 20] {
+        let v = body_json(&raw_in_parts(&g, &[&v2[..cut], &v2[cut..]]));
+        assert_eq!(v["REMOTE_ADDR"], "198.51.100.1", "cut at {cut}");
+    }
 
     // A connection without the header bypassed the balancer: refused.
     let resp = raw(&g, req);
