@@ -1,9 +1,10 @@
 //! The upstream half of a request: choose an endpoint, get a FastCGI connection (a kept one
 //! or a new one), run the exchange, and retry only where PHP cannot have run the script:
-//! a failed connect; a reused kept-alive connection that FPM had closed (the worker was
-//! recycled) before any response byte; or, for idempotent methods (all but POST, PATCH and
-//! LOCK, nginx's rule), any reset before the first response byte. Never after a response
-//! byte, and never a POST that may have started.
+//! a failed connect; for idempotent methods (all but POST, PATCH and LOCK, nginx's rule), a
+//! reused kept-alive connection that FPM had closed (the worker was recycled) before any
+//! response byte, or any reset before the first response byte. Never after a response
+//! byte, and never a POST that may have started: its kept connection is probed before it
+//! is used, since a worker that read it and died looks the same as a closed one afterwards.
 
 use std::sync::Arc;
 
@@ -107,7 +108,8 @@ pub async fn exchange(
         admit.attach(idx);
         let ep = Arc::clone(slot.endpoint());
         seen.endpoint = Some(Arc::clone(&ep));
-        let mut conn = match ep.connect(slot).await {
+        // A POST is never sent twice, so its kept connection is checked before, not after.
+        let mut conn = match ep.connect(slot, !idempotent).await {
             Ok(c) => c,
             Err((slot, e)) => {
                 drop(slot);
@@ -226,7 +228,9 @@ pub async fn exchange(
                     .with_label_values(&[pool.name(), &ep.label, f.error.cause()])
                     .inc();
                 let before_response = !f.any_byte && f.closed;
-                if before_response && reused && stale_left > 0 {
+                // Only where the script cannot have run twice: a POST could have been read by
+                // a worker that then died (killed, crashed) before its first byte.
+                if before_response && reused && idempotent && stale_left > 0 {
                     stale_left -= 1;
                     tracing::debug!(request_id = id, endpoint = %ep.label, "kept connection was stale; retrying");
                     continue;

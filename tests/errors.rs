@@ -8,7 +8,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use fake::{FakeFpm, Mode};
-use support::{client, free_port, php_root, shared_fpm, Gate};
+use support::{client, free_port, php_root, shared_fpm, Fpm, FpmOptions, Gate};
 
 fn gate(endpoint: &str, pool_extra: &str, top_extra: &str) -> Gate {
     Gate::start(&format!(
@@ -101,6 +101,32 @@ async fn reset_before_response_retries_get_but_never_post() {
     // A POST on a fresh connection is never retried: FPM may have run it.
     assert_eq!(f.requests.load(std::sync::atomic::Ordering::SeqCst), 3);
     assert_eq!(gateway_errors(&g, 502, "reset").await, 2);
+}
+
+/// A POST read by a worker that then dies before its first byte is not sent again, even on
+/// a kept connection (which looks like one FPM closed while idle); a GET may be.
+#[tokio::test]
+async fn a_post_whose_worker_dies_on_a_kept_connection_is_not_sent_again() {
+    let fpm = Fpm::start(FpmOptions {
+        workers: 2,
+        ..FpmOptions::default()
+    });
+    let g = gate(&fpm.endpoint(), "    retries: 0", "");
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("runs");
+    let url = g.url(&format!("/die.php?log={}", log.display()));
+    let runs = || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .count()
+    };
+    // Leaves a kept connection for the POST to reuse.
+    assert_eq!(get_status(&g, "/sleep.php?ms=0").await, 200);
+    let resp = client().post(&url).body("order=1").send().await.unwrap();
+    assert_eq!(resp.status(), 502);
+    assert_eq!(runs(), 1, "the POST ran again");
+    assert_eq!(get_status(&g, "/sleep.php?ms=0").await, 200);
 }
 
 #[tokio::test]

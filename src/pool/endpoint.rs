@@ -271,8 +271,9 @@ impl Endpoint {
     }
 
     /// Turns a slot into a connection: the most recently used idle one that is still alive,
-    /// or a new one.
-    pub async fn connect(&self, slot: Slot) -> Result<Conn, (Slot, std::io::Error)> {
+    /// or a new one. `probe`: check every kept connection first, even one returned moments
+    /// ago (for requests that must not be retried once sent).
+    pub async fn connect(&self, slot: Slot, probe: bool) -> Result<Conn, (Slot, std::io::Error)> {
         let settings = self.settings();
         loop {
             let idle = {
@@ -282,11 +283,11 @@ impl Endpoint {
             let Some(idle) = idle else { break };
             self.metrics.idle.dec();
             // Probing the socket costs a syscall; a connection returned moments ago (the
-            // busy case) is almost never stale, and if it is, the request is retried for
-            // free on a fresh connection, so only longer-idle ones are probed.
+            // busy case) is almost never stale, and if it is, an idempotent request is
+            // retried for free on a fresh connection, so only longer-idle ones are probed.
             let idle_for = idle.since.elapsed();
             if idle_for < settings.idle_timeout
-                && (idle_for < FRESH_IDLE || idle.stream.is_reusable())
+                && ((!probe && idle_for < FRESH_IDLE) || idle.stream.is_reusable())
             {
                 self.metrics.reuses.inc();
                 return Ok(Conn {
