@@ -103,6 +103,28 @@ async fn reset_before_response_retries_get_but_never_post() {
     assert_eq!(gateway_errors(&g, 502, "reset").await, 2);
 }
 
+/// An upload FPM takes more slowly than the read timeout is not a silent FPM: the read
+/// timeout runs from the end of the request, the send timeout bounds the upload.
+#[tokio::test]
+async fn a_slow_upload_is_not_cut_by_the_read_timeout() {
+    let g = gate(
+        &shared_fpm().unix_endpoint(),
+        "    timeouts: { read: 500ms, send: 2s }",
+        "limits: { body_buffer: 3MiB }",
+    );
+    // PHP reads 8 KiB at a time, 4 ms apart: 1 s and 2 s to take, in memory and spooled.
+    for len in [2 << 20, 4 << 20] {
+        let resp = client()
+            .put(g.url("/slow_read.php?ms=4"))
+            .body(vec![b'u'; len])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "{len}-byte body");
+        assert_eq!(resp.text().await.unwrap(), format!("read {len}\n"));
+    }
+}
+
 /// A POST read by a worker that then dies before its first byte is not sent again, even on
 /// a kept connection (which looks like one FPM closed while idle); a GET may be.
 #[tokio::test]
@@ -213,7 +235,27 @@ async fn silent_fpm_is_504_read_timeout() {
     for _ in 0..3 {
         assert_eq!(get_status(&g, "/sleep.php?ms=1500").await, 504);
     }
-    assert_eq!(gateway_errors(&g, 504, "read_timeout").await, 3);
+    // A request large enough to be written beside the read (all of it fits in the socket
+    // buffers): the read timeout runs from its end.
+    let g = gate(
+        &shared_fpm().unix_endpoint(),
+        "    timeouts: { read: 500ms }",
+        "",
+    );
+    let t = Instant::now();
+    let resp = client()
+        .put(g.url("/sleep.php?ms=1500"))
+        .body(vec![b'p'; 100 << 10])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 504);
+    assert!(
+        t.elapsed() < Duration::from_millis(1400),
+        "{:?}",
+        t.elapsed()
+    );
+    assert_eq!(gateway_errors(&g, 504, "read_timeout").await, 1);
 }
 
 /// A script that takes none of a large PUT body (PHP reads it only when asked) and says

@@ -143,8 +143,12 @@ pub async fn send(
     let (mut rd, mut wr) = tokio::io::split(&mut *stream);
     let (read, wrote) = {
         let write = write_timed(&mut tail, &mut wr, send_timeout);
-        let read = read_head_from(&mut rd, buf, read_timeout, max_header, log);
-        tokio::pin!(write, read);
+        // While the request is still going out the send timeout bounds the wait (an upload
+        // that FPM takes slowly is not a silent FPM); the read timeout runs once it is out,
+        // as nginx arms fastcgi_read_timeout.
+        let read = read_head_from(&mut rd, buf, None, max_header, log);
+        let silent = tokio::time::sleep(read_timeout);
+        tokio::pin!(write, read, silent);
         let mut wrote: Option<io::Result<()>> = None;
         loop {
             tokio::select! {
@@ -159,9 +163,19 @@ pub async fn send(
                             closed: false,
                         });
                     }
-                    w => wrote = Some(w),
+                    w => {
+                        wrote = Some(w);
+                        silent.as_mut().reset(Instant::now() + read_timeout);
+                    }
                 },
                 r = &mut read => break (r, wrote),
+                () = &mut silent, if wrote.is_some() => {
+                    return Err(Failure {
+                        error: ProxyError::ReadTimeout,
+                        any_byte: true,
+                        closed: false,
+                    });
+                }
             }
         }
     };
@@ -229,15 +243,15 @@ async fn read_head(
     if buf.is_empty() && buf.capacity() < READ_BUF {
         buf.reserve(READ_BUF);
     }
-    read_head_from(stream, buf, read_timeout, max_header, log).await
+    read_head_from(stream, buf, Some(read_timeout), max_header, log).await
 }
 
 /// Reads records until the CGI head is complete. Returns the head and the body bytes after
-/// it.
+/// it. `read_timeout` bounds each read; `None`: the caller bounds the wait.
 async fn read_head_from<R: tokio::io::AsyncRead + Unpin>(
     rd: &mut R,
     buf: &mut BytesMut,
-    read_timeout: Duration,
+    read_timeout: Option<Duration>,
     max_header: usize,
     log: LogCtx<'_>,
 ) -> Result<(CgiHead, Bytes), Failure> {
@@ -288,7 +302,12 @@ async fn read_head_from<R: tokio::io::AsyncRead + Unpin>(
                 if buf.capacity() - buf.len() < 4096 {
                     buf.reserve(READ_BUF);
                 }
-                match tokio::time::timeout(read_timeout, rd.read_buf(buf)).await {
+                let read = rd.read_buf(buf);
+                let read = match read_timeout {
+                    Some(t) => tokio::time::timeout(t, read).await,
+                    None => Ok(read.await),
+                };
+                match read {
                     Err(_) => {
                         return Err(Failure {
                             error: ProxyError::ReadTimeout,
