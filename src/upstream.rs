@@ -192,14 +192,23 @@ pub async fn exchange(
                     .get(http::header::CONTENT_LENGTH)
                     .and_then(|v| v.to_str().ok())
                     .and_then(|v| v.parse().ok());
-                body.set_declared_length(declared);
+                // HEAD: PHP sends the header without the body.
+                if method != Method::HEAD {
+                    body.set_declared_length(declared);
+                }
                 body.set_stdin_tail(tail);
                 let whole = if method == Method::HEAD {
                     None
                 } else {
                     body.take_complete()
                 };
+                let no_body = code == StatusCode::NO_CONTENT || code == StatusCode::NOT_MODIFIED;
                 let body = match whole {
+                    // Whatever the script printed: over HTTP/2 a DATA frame would fail it.
+                    _ if no_body => {
+                        drop(body);
+                        ProxyBody::Empty
+                    }
                     Some(all) => {
                         // Spent: dropping it frees the pool place now.
                         drop(body);

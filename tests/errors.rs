@@ -8,7 +8,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use fake::{FakeFpm, Mode};
-use support::{client, free_port, php_root, shared_fpm, Fpm, FpmOptions, Gate};
+use support::{client, client_builder, free_port, php_root, shared_fpm, Fpm, FpmOptions, Gate};
 
 fn gate(endpoint: &str, pool_extra: &str, top_extra: &str) -> Gate {
     Gate::start(&format!(
@@ -509,4 +509,46 @@ async fn script_content_length_frames_the_response() {
         .unwrap();
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.text().await.unwrap(), "hello");
+}
+
+/// Over HTTP/2 nothing else holds a body to its `Content-Length`: a DATA frame past it, or
+/// any on a 304, fails the client's whole stream, and a body that ends short must reset the
+/// stream rather than end it as if complete.
+#[tokio::test]
+async fn over_http2_bodies_keep_to_the_scripts_content_length() {
+    let g = gate(&shared_fpm().endpoint(), "", "");
+    let c = client_builder().http2_prior_knowledge().build().unwrap();
+    for after in ["", "&after_ms=100"] {
+        let r = c
+            .get(g.url(&format!("/length.php?declared=2&body=hello{after}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{after}");
+        assert_eq!(r.text().await.unwrap(), "he", "{after}");
+        let r = c
+            .get(g.url(&format!(
+                "/length.php?code=304&declared=5&body=hello{after}"
+            )))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 304, "{after}");
+        assert_eq!(r.bytes().await.unwrap().len(), 0, "{after}");
+    }
+    let r = c
+        .get(g.url("/length.php?declared=100&body=hello&after_ms=100"))
+        .send()
+        .await
+        .unwrap();
+    let h = format!("{:?}", r.headers());
+    let got = r.bytes().await;
+    assert!(got.is_err(), "a short body ended as if complete: {got:?} {h}");
+    // Still one healthy connection to the proxy.
+    let r = c
+        .get(g.url("/length.php?declared=5&body=hello"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.text().await.unwrap(), "hello");
 }

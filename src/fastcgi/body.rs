@@ -57,6 +57,8 @@ pub struct FcgiBody {
     /// body as soon as the declared length has been sent, before END_REQUEST is read.
     declared: Option<u64>,
     delivered: u64,
+    /// The script sent more than its `Content-Length`: the body ends at it.
+    overran: bool,
     /// Dropped when the body ends or is dropped: holds the pool place and the metrics guard.
     guards: Box<dyn Send + Sync>,
     /// The request body not yet written when the head came, written as the body streams.
@@ -85,6 +87,7 @@ impl FcgiBody {
             request_id,
             declared: None,
             delivered: 0,
+            overran: false,
             guards,
             tail: None,
         }
@@ -174,6 +177,33 @@ impl FcgiBody {
         Some(body.map_or(first, BytesMut::freeze))
     }
 
+    /// `data` cut to what the script's `Content-Length` leaves room for: a client reading
+    /// the header takes no more (over HTTP/2 more would fail the whole stream). `None`:
+    /// nothing to send.
+    fn fit(&mut self, mut data: Bytes) -> Option<Bytes> {
+        if let Some(declared) = self.declared {
+            let room = declared.saturating_sub(self.delivered);
+            if data.len() as u64 > room {
+                if !self.overran {
+                    let label = self.conn.as_ref().map(|c| c.endpoint().label.as_str());
+                    tracing::warn!(
+                        request_id = &*self.request_id,
+                        endpoint = label.unwrap_or("-"),
+                        "the script declared Content-Length {declared} but sent more: sending the first {declared}"
+                    );
+                }
+                self.overran = true;
+                // room < data.len() ≤ usize::MAX.
+                data.truncate(room as usize);
+            }
+        }
+        if data.is_empty() {
+            return None;
+        }
+        self.delivered += data.len() as u64;
+        Some(data)
+    }
+
     fn fail(&mut self, msg: impl Into<String>) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
         let msg = msg.into();
         if let Some(conn) = self.conn.take() {
@@ -192,12 +222,16 @@ impl http_body::Body for FcgiBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
         let this = &mut *self;
-        if let Some(b) = this.pending.take() {
-            this.delivered += b.len() as u64;
+        if let Some(b) = this.pending.take().and_then(|b| this.fit(b)) {
             return Poll::Ready(Some(Ok(Frame::data(b))));
         }
         this.write_tail(cx);
         loop {
+            if this.overran {
+                // FPM is still sending what nobody may read: close rather than drain.
+                this.conn = None;
+                return Poll::Ready(None);
+            }
             let Some(conn) = this.conn.as_mut() else {
                 return Poll::Ready(None);
             };
@@ -205,9 +239,8 @@ impl http_body::Body for FcgiBody {
                 Err(e) => return this.fail(format!("malformed FastCGI record: {e}")),
                 Ok(Some(rec)) => match rec.kind {
                     RecordType::Stdout => {
-                        if !rec.content.is_empty() {
-                            this.delivered += rec.content.len() as u64;
-                            return Poll::Ready(Some(Ok(Frame::data(rec.content))));
+                        if let Some(b) = this.fit(rec.content) {
+                            return Poll::Ready(Some(Ok(Frame::data(b))));
                         }
                     }
                     RecordType::Stderr => log_stderr(
@@ -231,6 +264,12 @@ impl http_body::Body for FcgiBody {
                                 ),
                                 Err(e) => format!("malformed END_REQUEST: {e}"),
                             });
+                        }
+                        if let Some(declared) = this.declared.filter(|d| this.delivered < *d) {
+                            let sent = this.delivered;
+                            return this.fail(format!(
+                                "the script declared Content-Length {declared} but sent {sent} bytes"
+                            ));
                         }
                         let conn = this.conn.take().expect("checked above");
                         if this.reusable && this.tail.is_none() {
