@@ -543,7 +543,10 @@ async fn over_http2_bodies_keep_to_the_scripts_content_length() {
         .unwrap();
     let h = format!("{:?}", r.headers());
     let got = r.bytes().await;
-    assert!(got.is_err(), "a short body ended as if complete: {got:?} {h}");
+    assert!(
+        got.is_err(),
+        "a short body ended as if complete: {got:?} {h}"
+    );
     // Still one healthy connection to the proxy.
     let r = c
         .get(g.url("/length.php?declared=5&body=hello"))

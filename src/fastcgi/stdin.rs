@@ -8,12 +8,15 @@
 //! a script that streams its answer first would otherwise stall against us, both sides
 //! waiting on full socket buffers.
 
+use std::future::Future;
 use std::io::{self, IoSlice};
+use std::os::unix::fs::FileExt;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::AsyncWrite;
 
 use super::client::REQUEST_ID;
 use super::codec::{self, RecordType};
@@ -43,7 +46,9 @@ enum Body {
 }
 
 struct FileBody {
-    file: tokio::fs::File,
+    file: Arc<std::fs::File>,
+    /// The read of the record being fetched, off the runtime's threads.
+    job: Option<tokio::task::JoinHandle<(Vec<u8>, io::Result<()>)>>,
     /// The content of the record being written, `filled` bytes of it read so far.
     buf: Vec<u8>,
     filled: usize,
@@ -72,7 +77,8 @@ impl StdinTail {
             }
             Source::File(file, len) => (
                 Body::File(FileBody {
-                    file: tokio::fs::File::from_std(file),
+                    file: Arc::new(file),
+                    job: None,
                     buf: Vec::new(),
                     filled: 0,
                     record: u64::MAX,
@@ -197,33 +203,48 @@ impl StdinTail {
 }
 
 impl FileBody {
-    /// Reads record `record`'s `want` content bytes into `buf`, if not already there.
+    /// Reads record `record`'s `want` content bytes into `buf`, if not already there. By
+    /// offset (`pread`), not through the file position: the descriptor is shared with the
+    /// request's other attempts, and a read left running by an abandoned one must not move
+    /// where a retry reads.
     fn poll_fill(
         &mut self,
         cx: &mut Context<'_>,
         record: u64,
         want: usize,
     ) -> Poll<io::Result<()>> {
-        if self.record != record {
-            self.record = record;
-            self.filled = 0;
+        if want == 0 || (self.record == record && self.filled == want) {
+            return Poll::Ready(Ok(()));
         }
-        if self.buf.len() < want {
-            self.buf.resize(want, 0);
-        }
-        while self.filled < want {
-            let mut rb = ReadBuf::new(&mut self.buf[self.filled..want]);
-            ready!(Pin::new(&mut self.file).poll_read(cx, &mut rb))?;
-            let n = rb.filled().len();
-            if n == 0 {
-                return Poll::Ready(Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "the spooled request body is shorter than its length",
-                )));
+        let job = match &mut self.job {
+            Some(job) => job,
+            None => {
+                self.record = record;
+                self.filled = 0;
+                let file = Arc::clone(&self.file);
+                let mut buf = std::mem::take(&mut self.buf);
+                buf.resize(want, 0);
+                self.job.insert(tokio::task::spawn_blocking(move || {
+                    let r = file.read_exact_at(&mut buf, record * FULL);
+                    (buf, r)
+                }))
             }
-            self.filled += n;
+        };
+        let done = ready!(Pin::new(job).poll(cx));
+        self.job = None;
+        let (buf, r) = done.map_err(io::Error::other)?;
+        self.buf = buf;
+        match r {
+            Ok(()) => {
+                self.filled = want;
+                Poll::Ready(Ok(()))
+            }
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the spooled request body is shorter than its length",
+            ))),
+            Err(e) => Poll::Ready(Err(e)),
         }
-        Poll::Ready(Ok(()))
     }
 }
 

@@ -173,3 +173,15 @@ async fn a_request_without_a_body_source_is_its_prefix() {
         assert!(out == prefix, "max {max}");
     }
 }
+
+#[tokio::test]
+async fn a_spooled_body_is_read_by_offset_whatever_the_file_position() {
+    // Another attempt's descriptor shares the position: it must not matter where it is.
+    let data = body(2 * FULL as usize + 3);
+    let mut f = spooled(&data);
+    use std::io::Seek as _;
+    f.seek(std::io::SeekFrom::Start(12_345)).unwrap();
+    let tail = StdinTail::new(Bytes::new(), Source::File(f, data.len() as u64));
+    let out = write(tail, 4096, true).await.unwrap();
+    assert!(out == expected(b"", &data));
+}
