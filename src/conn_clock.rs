@@ -43,6 +43,9 @@ pub struct Clock {
     waiting_h1: AtomicU64,
     /// The same for each HTTP/2 stream in flight.
     waiting_h2: Mutex<Slab<u64>>,
+    /// Bytes the socket has taken from the server: what a connection that is closing with
+    /// nothing in flight is watched by (it may still be flushing its last response).
+    written: AtomicU64,
 }
 
 /// What the watchdog should do.
@@ -75,6 +78,7 @@ impl Clock {
             ticks: AtomicU64::new(1),
             waiting_h1: AtomicU64::new(0),
             waiting_h2: Mutex::new(Slab::new()),
+            written: AtomicU64::new(0),
         })
     }
 
@@ -91,6 +95,7 @@ impl Clock {
             ticks: AtomicU64::new(1),
             waiting_h1: AtomicU64::new(0),
             waiting_h2: Mutex::new(Slab::new()),
+            written: AtomicU64::new(0),
         })
     }
 
@@ -138,6 +143,16 @@ impl Clock {
             && self.head_since.load(Ordering::Relaxed) == 0
             && now_ms().saturating_sub(self.idle_since.load(Ordering::Relaxed))
                 >= after.as_millis() as u64
+    }
+
+    /// A response is in flight (its body not yet all handed to the server).
+    pub fn busy(&self) -> bool {
+        self.inflight.load(Ordering::Relaxed) > 0
+    }
+
+    /// Bytes written to the socket so far.
+    pub fn written(&self) -> u64 {
+        self.written.load(Ordering::Relaxed)
     }
 
     /// Marks the connection as being parked (or not): see [`Watched`]'s shutdown.
@@ -319,14 +334,24 @@ impl<I: AsyncWrite> AsyncWrite for Watched<I> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        self.project().inner.poll_write(cx, buf)
+        let this = self.project();
+        let r = this.inner.poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = r {
+            this.clock.written.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        r
     }
     fn poll_write_vectored(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        self.project().inner.poll_write_vectored(cx, bufs)
+        let this = self.project();
+        let r = this.inner.poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = r {
+            this.clock.written.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        r
     }
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()

@@ -504,6 +504,9 @@ async fn serve_h1<I: ClientIo>(
     let mut tick = tokio::time::interval(t.tick);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let (mut closing, mut parking) = (false, false);
+    // While closing with nothing in flight: bytes written at the last tick, and ticks since
+    // they last grew (hyper flushes its last response before it ends the connection).
+    let (mut flushed, mut still) = (0u64, 0u64);
     loop {
         // Shutdown is looked at on the tick, not as a branch here: a cancellation token's
         // future takes two locks shared by every connection of the listener each time it
@@ -539,6 +542,16 @@ async fn serve_h1<I: ClientIo>(
                     return None;
                 }
                 if closing {
+                    let written = clock.written();
+                    if clock.busy() || written != flushed {
+                        (flushed, still) = (written, 0);
+                    } else {
+                        still += 1;
+                        if still > t.send_ticks {
+                            tracing::debug!("closing connection took no bytes within send_timeout: dropping");
+                            return None;
+                        }
+                    }
                     continue;
                 }
                 if s.shutdown.is_cancelled() || verdict == Verdict::Idle {
