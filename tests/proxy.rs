@@ -527,6 +527,26 @@ async fn a_script_answering_before_reading_its_body_gets_it_all() {
         metric_value(&metrics, "fpmgate_upstream_connection_reuses_total{"),
         1.0
     );
+    // As many at once as the pool has workers (more would wait in FPM's backlog, unread,
+    // past the send timeout), on the connections they leave behind: none stalls.
+    for round in 0..3 {
+        let calls = (0..4).map(|i| {
+            let len = if i % 2 == 0 { 768 << 10 } else { 3 << 20 };
+            let url = g.url(&format!("/answer_first.php?out={}", 2 << 20));
+            async move {
+                let resp = client()
+                    .put(url)
+                    .body(vec![b'c'; len])
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(resp.status(), 200, "round {round}, {len}-byte body");
+                let text = resp.text().await.expect("body");
+                assert!(text.ends_with(&format!("\nread {len}\n")), "round {round}");
+            }
+        });
+        futures_util::future::join_all(calls).await;
+    }
 }
 
 #[tokio::test]
