@@ -29,7 +29,8 @@ pub type Shared = Arc<ArcSwap<Runtime>>;
 pub struct Vhost {
     /// Metric label and log name: the first host name.
     pub label: String,
-    /// The first host name as configured (may be `*` or a wildcard).
+    /// What SERVER_NAME comes from: the vhost's `server_name`, else the first host name as
+    /// configured (may be `*` or a wildcard: then the request's host).
     pub first_host: String,
     /// Document root as seen by the FPM nodes.
     pub root: String,
@@ -203,7 +204,8 @@ pub fn build(
         let first_host = vc.hosts.first().cloned().unwrap_or_else(|| "*".to_string());
         vhosts.push(Vhost {
             label: first_host.clone(),
-            first_host,
+            // A configured server_name is never a wildcard: SERVER_NAME is always it.
+            first_host: vc.server_name.clone().unwrap_or(first_host),
             root: vc.root.clone(),
             index: vc.index.clone(),
             static_dir: vc.static_dir.clone(),

@@ -238,3 +238,20 @@ access_log: off
     let resp = raw(&g, req);
     assert!(resp.is_empty(), "served without a PROXY header: {resp}");
 }
+
+/// On the `*` vhost SERVER_NAME is the request's host, which the client chooses; a
+/// vhost's `server_name` pins it (apps that build links from it cannot be pointed
+/// elsewhere).
+#[test]
+fn server_name_pins_what_the_client_would_choose() {
+    let req = b"GET /server.php HTTP/1.1\r\nHost: attacker.example\r\nConnection: close\r\n\r\n";
+    let g = gate("access_log: off", "");
+    assert_eq!(body_json(&raw(&g, req))["SERVER_NAME"], "attacker.example");
+    let g = gate("    server_name: Shop.Example.com\naccess_log: off", "");
+    let v = body_json(&raw(&g, req));
+    assert_eq!(v["SERVER_NAME"], "shop.example.com");
+    assert_eq!(
+        v["HTTP_HOST"], "attacker.example",
+        "the header itself is passed on"
+    );
+}

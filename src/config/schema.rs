@@ -236,6 +236,9 @@ pub struct VhostSpec {
     /// nginx does by default (Laravel's `public/storage`). Default: false, only targets
     /// inside the tree.
     pub follow_symlinks: Option<Spanned<bool>>,
+    /// SERVER_NAME for every request of this vhost. Default: the first host name, or for
+    /// `*` and `*.suffix` the request's host (which the client chooses).
+    pub server_name: Option<Text>,
     /// Per-path pool overrides, first match wins. Default: none.
     pub routes: Option<Vec<RouteSpec>>,
 }

@@ -447,3 +447,29 @@ fn real_ip_header_names_one_of_two_headers() {
         "expected x-forwarded-for or x-real-ip",
     );
 }
+
+#[test]
+fn server_name_is_one_host_name() {
+    let with = |name: &str| {
+        MINIMAL.replace(
+            "    pool: app\n",
+            &format!("    pool: app\n    server_name: {name}\n"),
+        )
+    };
+    let c = ok(&with("Shop.Example.com"));
+    assert_eq!(c.vhosts[0].server_name.as_deref(), Some("shop.example.com"));
+    assert_eq!(ok(MINIMAL).vhosts[0].server_name, None);
+    for bad in ["'*.example.com'", "'a b'", "a/b"] {
+        let yaml = with(bad);
+        let errs = errors(&yaml);
+        assert_eq!(errs.len(), 1, "{}", format_errors(Path::new("t"), &errs));
+        let shown = bad.trim_matches('\'');
+        assert_error(
+            &errs,
+            &yaml,
+            "vhosts[0].server_name",
+            shown,
+            "one host name",
+        );
+    }
+}

@@ -83,6 +83,20 @@ impl Ctx {
                     "follow_symlinks applies to files served from `static`, which is not set",
                 );
             }
+            let server_name = spec.server_name.as_ref().and_then(|t| {
+                let v = t.value.as_str();
+                let ok = !v.is_empty()
+                    && !v.contains('*')
+                    && v.bytes().all(|b| b.is_ascii_graphic() && b != b'/');
+                if !ok {
+                    self.err(
+                        &format!("{p}.server_name"),
+                        loc(t),
+                        "server_name must be one host name, without `*`, spaces or `/`",
+                    );
+                }
+                ok.then(|| v.to_ascii_lowercase())
+            });
             let routes = self.routes(spec.routes.unwrap_or_default(), &p, pools);
             if let (Some(root), Some(pool)) = (root, pool) {
                 out.push(VhostConfig {
@@ -92,6 +106,7 @@ impl Ctx {
                     index,
                     static_dir,
                     follow_symlinks,
+                    server_name,
                     routes,
                 });
             }
