@@ -25,6 +25,7 @@ pub mod parking;
 pub mod pool;
 pub mod proxy;
 pub mod proxy_protocol;
+pub mod real_ip;
 pub mod reload;
 pub mod respbody;
 pub mod router;

@@ -587,3 +587,7 @@ fn display(buf: &mut [u8; 48], value: impl Display) -> &[u8] {
 #[cfg(test)]
 #[path = "mapping_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+#[path = "mapping_resolve_tests.rs"]
+mod resolve_tests;
