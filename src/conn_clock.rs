@@ -302,6 +302,15 @@ impl<I> Watched<I> {
         debug_assert!(self.prefix.is_empty());
         self.prefix = bytes;
     }
+
+    /// The connection's first bytes, read past the clock (to tell HTTP/2 from HTTP/1):
+    /// reported to it now, then read again before the socket's own.
+    pub fn put_back_first(&mut self, bytes: Bytes) {
+        if !bytes.is_empty() {
+            self.clock.on_read(&bytes);
+        }
+        self.unread(bytes);
+    }
 }
 
 impl<I: AsyncRead> AsyncRead for Watched<I> {

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
 use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -445,15 +446,28 @@ async fn serve_unparked(p: Parked, lot: Option<&Arc<Lot>>, s: &Serve) {
 /// Whether a plaintext connection opens with the HTTP/2 preface. `None` on a read error.
 async fn sniff_h2<I: ClientIo>(io: &mut Watched<I>) -> Option<bool> {
     const PRI: &[u8] = b"PRI ";
-    loop {
-        let mut buf = [0u8; 4];
-        let n = std::future::poll_fn(|cx| io.get_mut().poll_peek(cx, &mut buf))
-            .await
-            .ok()?;
-        if n >= PRI.len() || n == 0 || buf[..n] != PRI[..n] {
-            return Some(n >= PRI.len() && buf == *PRI);
-        }
-        // "P", "PR" or "PRI" so far: POST, PUT or PATCH may still follow.
-        tokio::time::sleep(Duration::from_millis(5)).await;
+    let mut buf = [0u8; 4];
+    let n = std::future::poll_fn(|cx| io.get_mut().poll_peek(cx, &mut buf))
+        .await
+        .ok()?;
+    if n >= PRI.len() || n == 0 || buf[..n] != PRI[..n] {
+        return Some(n >= PRI.len() && buf == *PRI);
     }
+    // "P", "PR" or "PRI" so far: POST, PUT, PATCH or PROPFIND may still follow. Peeking
+    // again would find the same bytes at once and spin, so the first four bytes are read
+    // (each read waits for data) and put back for whichever server follows.
+    let mut got = 0;
+    while got < PRI.len() {
+        match tokio::io::AsyncReadExt::read(io.get_mut(), &mut buf[got..]).await {
+            Ok(0) => break,
+            Ok(k) => got += k,
+            Err(_) => return None,
+        }
+        if buf[..got] != PRI[..got.min(PRI.len())] {
+            break;
+        }
+    }
+    let h2 = buf[..got] == *PRI;
+    io.put_back_first(Bytes::copy_from_slice(&buf[..got]));
+    Some(h2)
 }

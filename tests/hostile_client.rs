@@ -8,7 +8,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use support::{client, php_root, shared_fpm, Gate};
+use support::{client, context_switches, php_root, shared_fpm, Gate};
 
 fn gate(extra: &str, vhost_extra: &str) -> Gate {
     Gate::start(&format!(
@@ -206,6 +206,47 @@ fn parked_connections_serve_split_and_pipelined_requests() {
         );
         assert_eq!(whole_responses(&r), 3, "round {round}: {r}");
     }
+}
+
+#[test]
+fn a_client_stopped_inside_the_http2_preface_costs_no_wakeups() {
+    // "P", "PR" and "PRI" may begin HTTP/2's preface or POST, PUT, PATCH, PROPFIND. While
+    // the client says no more, the proxy waits for bytes; it must not poll (5 ms polling
+    // was ~200 wake-ups a second per such connection).
+    let g = gate("limits: { header_timeout: 5s }", "");
+    let over_a_second = || {
+        let before = context_switches(g.pid());
+        std::thread::sleep(Duration::from_secs(1));
+        context_switches(g.pid()) - before
+    };
+    let quiet = over_a_second();
+    let mut h1 = TcpStream::connect(g.http).unwrap();
+    h1.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    h1.write_all(b"PR").unwrap();
+    let mut h2 = TcpStream::connect(g.http).unwrap();
+    h2.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    h2.write_all(b"PRI").unwrap();
+    let stalled = over_a_second();
+    assert!(
+        stalled < quiet + 60,
+        "{stalled} context switches in a second with two clients stalled in the preface \
+         ({quiet} with none)"
+    );
+    // The rest arrives: each is served as what it turned out to be.
+    h1.write_all(b"OPFIND /pid.php HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut out = Vec::new();
+    let _ = h1.read_to_end(&mut out);
+    let out = String::from_utf8_lossy(&out);
+    assert!(out.starts_with("HTTP/1.1 200 OK"), "{out}");
+    h2.write_all(b" * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .unwrap();
+    let mut frame = [0u8; 9];
+    h2.read_exact(&mut frame).unwrap();
+    assert_eq!(
+        frame[3], 4,
+        "the server's first frame is SETTINGS: {frame:?}"
+    );
 }
 
 #[test]

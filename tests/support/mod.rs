@@ -18,7 +18,7 @@ pub use fpm::{php_fpm_binary, shared_fpm, Fpm, FpmOptions};
 #[allow(unused_imports)]
 pub use gate::{run_check, run_check_file, Gate};
 #[allow(unused_imports)]
-pub use process::{child_pids, process_alive};
+pub use process::{child_pids, context_switches, process_alive};
 
 use std::collections::BTreeSet;
 use std::net::TcpListener;

@@ -31,6 +31,26 @@ pub fn process_alive(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }
 
+/// Context switches of every thread of `pid` so far (voluntary and not), from
+/// `/proc/<pid>/task/*/status`: each is a thread waking up, what a busy loop costs.
+pub fn context_switches(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    let mut total = 0;
+    for task in tasks.flatten() {
+        let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
+            continue;
+        };
+        total += status
+            .lines()
+            .filter(|l| l.contains("ctxt_switches:"))
+            .filter_map(|l| l.split(':').nth(1)?.trim().parse::<u64>().ok())
+            .sum::<u64>();
+    }
+    total
+}
+
 /// Pids whose parent is `pid` (e.g. an FPM master's workers), read from `/proc/*/stat`.
 pub fn child_pids(pid: u32) -> Vec<u32> {
     let mut out = Vec::new();
