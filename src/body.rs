@@ -1,11 +1,13 @@
 //! Reading a client's request body completely before any FPM connection is taken: in memory
-//! up to `limits.body_buffer`, then in an anonymous temporary file, never past `max_body`.
+//! up to `limits.body_buffer` while the process-wide [`BodyMemory`] budget has room, then in
+//! an anonymous temporary file, never past `max_body`.
 //!
 //! PHP-FPM needs CONTENT_LENGTH up front and gives a connection 5 seconds to send its first
 //! record; a slow client streaming straight into FPM would pin a PHP worker for as long as it
 //! likes. Buffering here means only the proxy waits for slow clients.
 
 use std::io::{Seek, SeekFrom, Write};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -13,14 +15,18 @@ use http_body_util::BodyExt;
 
 use crate::error::ProxyError;
 
+mod memory;
+pub use memory::{BodyMemory, Lease};
+
 /// A fully received request body.
 #[derive(Debug)]
 pub enum RequestBody {
     /// No body bytes.
     Empty,
-    /// The whole body in memory.
-    Memory(Bytes),
-    /// A body larger than `body_buffer`, spooled to an unlinked temporary file.
+    /// The whole body in memory, and its share of the memory budget.
+    Memory(Bytes, Lease),
+    /// A body larger than `body_buffer` (or arriving with the memory budget full), spooled
+    /// to an unlinked temporary file.
     File {
         /// The file, positioned anywhere: readers seek first.
         file: std::fs::File,
@@ -34,7 +40,7 @@ impl RequestBody {
     pub fn len(&self) -> u64 {
         match self {
             RequestBody::Empty => 0,
-            RequestBody::Memory(b) => b.len() as u64,
+            RequestBody::Memory(b, _) => b.len() as u64,
             RequestBody::File { len, .. } => *len,
         }
     }
@@ -63,6 +69,9 @@ pub struct BodyLimits {
     pub max_body: u64,
     /// Bodies past this go to a temporary file.
     pub body_buffer: usize,
+    /// So do bodies that would take the bodies held in memory, all requests together,
+    /// past this.
+    pub body_memory: u64,
     /// Longest pause between two body frames.
     pub body_timeout: Duration,
 }
@@ -73,6 +82,7 @@ pub async fn read_body<B>(
     mut body: B,
     declared: Option<u64>,
     limits: BodyLimits,
+    memory: &Arc<BodyMemory>,
 ) -> Result<RequestBody, ProxyError>
 where
     B: http_body::Body<Data = Bytes> + Unpin,
@@ -84,6 +94,7 @@ where
     if declared == Some(0) || body.is_end_stream() {
         return Ok(RequestBody::Empty);
     }
+    let mut lease = memory.lease(limits.body_memory);
     let mut first: Option<Bytes> = None;
     let mut mem = BytesMut::new();
     let mut file: Option<std::fs::File> = None;
@@ -111,7 +122,12 @@ where
         }
         // Keep a single-frame body as is (no copy): the common small POST.
         if first.is_none() && mem.is_empty() {
-            first = Some(data);
+            let small = data.len() <= limits.body_buffer;
+            if small && lease.hold(data.len()) {
+                first = Some(data);
+            } else {
+                file = Some(spool(&data, small, memory)?);
+            }
             continue;
         }
         if let Some(f) = first.take() {
@@ -125,11 +141,13 @@ where
             mem.extend_from_slice(&f);
         }
         mem.extend_from_slice(&data);
-        if mem.len() > limits.body_buffer {
-            let mut f = tempfile::tempfile().map_err(ProxyError::BodySpool)?;
-            write_blocking(&mut f, &mem)?;
+        // What is allocated counts, reserved room included: that is what waits in memory
+        // for the next frame.
+        let small = mem.len() <= limits.body_buffer;
+        if !small || !lease.hold(mem.capacity()) {
+            file = Some(spool(&mem, small, memory)?);
             mem = BytesMut::new();
-            file = Some(f);
+            lease.hold(0);
         }
     }
     if let Some(f) = file {
@@ -139,18 +157,22 @@ where
         });
     }
     if let Some(f) = first {
-        if f.len() as u64 > limits.body_buffer as u64 {
-            let mut file = tempfile::tempfile().map_err(ProxyError::BodySpool)?;
-            write_blocking(&mut file, &f)?;
-            return Ok(RequestBody::File { file, len: total });
-        }
-        return Ok(RequestBody::Memory(f));
+        return Ok(RequestBody::Memory(f, lease));
     }
     Ok(if mem.is_empty() {
         RequestBody::Empty
     } else {
-        RequestBody::Memory(mem.freeze())
+        RequestBody::Memory(mem.freeze(), lease)
     })
+}
+
+/// A temporary file holding `head`, the body so far: `small` when it went there for want of
+/// budget rather than for its size.
+fn spool(head: &[u8], small: bool, memory: &BodyMemory) -> Result<std::fs::File, ProxyError> {
+    let mut f = tempfile::tempfile().map_err(ProxyError::BodySpool)?;
+    write_blocking(&mut f, head)?;
+    memory.spooled(small);
+    Ok(f)
 }
 
 /// Writes to the spool file. These are page-cache writes of at most one frame (or one

@@ -5,6 +5,9 @@
 //! [`EndpointMetrics`]) made when a runtime is built, so the request path only touches
 //! atomics, except for the families labelled by status code.
 
+mod fpm;
+pub use fpm::FpmMetrics;
+
 use prometheus::{
     Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
@@ -75,28 +78,10 @@ pub struct Metrics {
     pub dns_resolutions: IntCounterVec,
     /// Addresses currently known for each `dns:` endpoint.
     pub dns_endpoints: IntGaugeVec,
-}
-
-/// The PHP-FPM status-page gauges.
-pub struct FpmMetrics {
-    /// `active processes`.
-    pub active_processes: IntGaugeVec,
-    /// `idle processes`.
-    pub idle_processes: IntGaugeVec,
-    /// `total processes`.
-    pub total_processes: IntGaugeVec,
-    /// `listen queue`.
-    pub listen_queue: IntGaugeVec,
-    /// `max listen queue`.
-    pub max_listen_queue: IntGaugeVec,
-    /// `max children reached` (a counter in FPM, exported as FPM reports it).
-    pub max_children_reached: IntGaugeVec,
-    /// `slow requests`.
-    pub slow_requests: IntGaugeVec,
-    /// `accepted conn`.
-    pub accepted_connections: IntGaugeVec,
-    /// Whether the last scrape worked (the other figures are stale when 0).
-    pub up: IntGaugeVec,
+    /// Bytes of request bodies held in memory.
+    pub request_body_memory: IntGauge,
+    /// Request bodies written to temporary files, by cause.
+    pub request_bodies_spooled: IntCounterVec,
 }
 
 fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -122,66 +107,21 @@ fn histogram(r: &Registry, name: &str, help: &str, labels: &[&str]) -> Histogram
 }
 
 impl Metrics {
+    /// The request-body memory budget, counting into these families.
+    pub fn body_memory(&self) -> crate::body::BodyMemory {
+        let spooled = |cause| self.request_bodies_spooled.with_label_values(&[cause]);
+        crate::body::BodyMemory::new(
+            self.request_body_memory.clone(),
+            spooled("size"),
+            spooled("memory"),
+        )
+    }
+
     /// Registers every family. Called once per process.
     pub fn new() -> Metrics {
         let r = Registry::new();
         let pe = &["pool", "endpoint"];
-        let fpm = FpmMetrics {
-            active_processes: gauge(
-                &r,
-                "fpmgate_fpm_active_processes",
-                "PHP-FPM active processes, from its status page.",
-                pe,
-            ),
-            idle_processes: gauge(
-                &r,
-                "fpmgate_fpm_idle_processes",
-                "PHP-FPM idle processes, from its status page.",
-                pe,
-            ),
-            total_processes: gauge(
-                &r,
-                "fpmgate_fpm_total_processes",
-                "PHP-FPM total processes, from its status page.",
-                pe,
-            ),
-            listen_queue: gauge(
-                &r,
-                "fpmgate_fpm_listen_queue",
-                "Connections waiting in PHP-FPM's listen backlog.",
-                pe,
-            ),
-            max_listen_queue: gauge(
-                &r,
-                "fpmgate_fpm_max_listen_queue",
-                "PHP-FPM's highest listen queue since it started.",
-                pe,
-            ),
-            max_children_reached: gauge(
-                &r,
-                "fpmgate_fpm_max_children_reached",
-                "Times PHP-FPM hit pm.max_children since it started.",
-                pe,
-            ),
-            slow_requests: gauge(
-                &r,
-                "fpmgate_fpm_slow_requests",
-                "PHP-FPM slow requests since it started.",
-                pe,
-            ),
-            accepted_connections: gauge(
-                &r,
-                "fpmgate_fpm_accepted_connections",
-                "Connections PHP-FPM accepted since it started.",
-                pe,
-            ),
-            up: gauge(
-                &r,
-                "fpmgate_fpm_up",
-                "1 if the last PHP-FPM status scrape succeeded, 0 if it failed.",
-                pe,
-            ),
-        };
+        let fpm = FpmMetrics::new(&r, pe);
         let config_last_success = Gauge::new(
             "fpmgate_config_last_reload_success_timestamp_seconds",
             "Unix time of the last successful config load.",
@@ -222,6 +162,14 @@ impl Metrics {
                 .map(|d| d.as_secs_f64())
                 .unwrap_or(0.0),
         );
+
+        let request_body_memory = IntGauge::new(
+            "fpmgate_request_body_memory_bytes",
+            "Bytes of request bodies held in memory, all requests together.",
+        )
+        .expect("valid gauge");
+        r.register(Box::new(request_body_memory.clone()))
+            .expect("unique");
 
         Metrics {
             http_requests: counter(
@@ -367,6 +315,14 @@ impl Metrics {
                 "fpmgate_dns_endpoints",
                 "Addresses currently known for a dns: endpoint name.",
                 &["pool", "name"],
+            ),
+            request_body_memory,
+            request_bodies_spooled: counter(
+                &r,
+                "fpmgate_request_bodies_spooled_total",
+                "Request bodies written to a temporary file: cause=size (over body_buffer) or \
+                 memory (under it, with limits.body_memory full).",
+                &["cause"],
             ),
             config_last_success,
             config_last_successful,

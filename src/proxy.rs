@@ -13,7 +13,7 @@ use http::{header, HeaderName, HeaderValue, Method, Request, Response, StatusCod
 use tokio::time::Instant;
 
 use crate::access::{AccessRecord, Completion};
-use crate::body::{self, BodyLimits};
+use crate::body::{self, BodyLimits, BodyMemory};
 use crate::config::AccessLogFormat;
 use crate::error::ProxyError;
 use crate::mapping::{self, AddrText, LocalFile, RequestFacts, Resolved};
@@ -63,6 +63,8 @@ pub struct Proxy {
     pub shared: Shared,
     /// Metric families.
     pub metrics: Arc<Metrics>,
+    /// Request bodies held in memory, by every connection together.
+    pub body_memory: Arc<BodyMemory>,
     next_id: AtomicU64,
 }
 
@@ -83,9 +85,11 @@ impl Proxy {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_micros() as u64)
             .unwrap_or(0);
+        let body_memory = Arc::new(metrics.body_memory());
         Proxy {
             shared,
             metrics,
+            body_memory,
             next_id: AtomicU64::new(seed << 12),
         }
     }
@@ -276,9 +280,10 @@ impl Proxy {
         let body_limits = BodyLimits {
             max_body: limits.max_body,
             body_buffer: limits.body_buffer,
+            body_memory: limits.body_memory,
             body_timeout: limits.body_timeout,
         };
-        let request_body = body::read_body(body, declared, body_limits).await?;
+        let request_body = body::read_body(body, declared, body_limits, &self.body_memory).await?;
         let has_framing = declared.is_some()
             || framing.chunked
             || !request_body.is_empty()

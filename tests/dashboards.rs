@@ -11,7 +11,14 @@ use std::sync::LazyLock;
 use regex::Regex;
 use serde_json::Value;
 
-const METRICS_RS: &str = include_str!("../src/metrics.rs");
+/// src/metrics.rs and its child modules, where every family is registered.
+static METRICS_RS: LazyLock<String> = LazyLock::new(|| {
+    [
+        include_str!("../src/metrics.rs"),
+        include_str!("../src/metrics/fpm.rs"),
+    ]
+    .concat()
+});
 const DASHBOARD: &str = include_str!("../dashboards/fpmgate.json");
 const ALERTS: &str = include_str!("../dashboards/alerts.yml");
 const ALERT_TESTS: &str = include_str!("../dashboards/alerts.test.yml");
@@ -36,15 +43,15 @@ fn re(pattern: &str) -> Regex {
 /// literal and, for vectors, the labels: inline `&["a", "b"]` or a `let x = &[...]` binding.
 static FAMILIES: LazyLock<BTreeMap<String, Family>> = LazyLock::new(|| {
     let call = re(concat!(
-        r#"(\w+(?:::\w+)?)\(\s*(?:&r,\s*)?"(fpmgate_\w*)",\s*"(?:[^"\\]|\\.)*",?\s*"#,
+        r#"(\w+(?:::\w+)?)\(\s*(?:&?r,\s*)?"(fpmgate_\w*)",\s*"(?:[^"\\]|\\.)*",?\s*"#,
         r"(?:&\[([^\]]*)\]|(\w+))?"
     ));
     let mut bindings = BTreeMap::new();
-    for c in re(r"let (\w+) = &\[([^\]]*)\];").captures_iter(METRICS_RS) {
+    for c in re(r"let (\w+) = &\[([^\]]*)\];").captures_iter(&METRICS_RS) {
         bindings.insert(c[1].to_string(), c[2].to_string());
     }
     let (literal, mut out) = (re(r#""(\w+)""#), BTreeMap::new());
-    for c in call.captures_iter(METRICS_RS) {
+    for c in call.captures_iter(&METRICS_RS) {
         let (ctor, name) = (&c[1], c[2].to_string());
         let list = match (c.get(3), c.get(4)) {
             (Some(inline), _) => inline.as_str(),

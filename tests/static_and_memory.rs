@@ -328,3 +328,85 @@ async fn idle_keepalive_connections_park_and_give_memory_back() {
         assert!(answer(s).await.starts_with("HTTP/1.1 200"));
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_bodies_held_in_memory_share_one_budget() {
+    use md5::{Digest, Md5};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    // Three clients each send 400 KiB of a 600 KiB body and pause. Each is under
+    // body_buffer, but the three together are over body_memory: whoever finds it full
+    // goes to a temporary file, and every body still arrives whole.
+    let g = Gate::start(&format!(
+        r#"
+listen: [ {{ bind: "127.0.0.1:0" }} ]
+admin: {{ bind: "127.0.0.1:0" }}
+pools:
+  main:
+    endpoints: [ {{ addr: "{}" }} ]
+vhosts:
+  - hosts: ["*"]
+    root: {}
+    pool: main
+limits: {{ body_buffer: 1MiB, body_memory: 1MiB }}
+access_log: off
+"#,
+        shared_fpm().endpoint(),
+        php_root().display(),
+    ));
+    let value = |text: &str, name: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0.0)
+    };
+    let held = "fpmgate_request_body_memory_bytes ";
+    let over_budget = "fpmgate_request_bodies_spooled_total{cause=\"memory\"}";
+    let too_large = "fpmgate_request_bodies_spooled_total{cause=\"size\"}";
+    let body: Vec<u8> = (0..600 * 1024).map(|i| (i * 7 % 251) as u8).collect();
+    let want = format!("{:x}", Md5::digest(&body));
+    let mut socks = Vec::new();
+    for _ in 0..3 {
+        let mut s = tokio::net::TcpStream::connect(g.http).await.unwrap();
+        let head = format!(
+            "POST /body.php HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        );
+        s.write_all(head.as_bytes()).await.unwrap();
+        s.write_all(&body[..400 * 1024]).await.unwrap();
+        socks.push(s);
+    }
+    // Wait until the proxy has read what was sent: held in memory or spooled.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let text = loop {
+        let text = g.metrics().await;
+        if value(&text, over_budget) >= 1.0 && value(&text, held) >= 400.0 * 1024.0 {
+            break text;
+        }
+        assert!(std::time::Instant::now() < deadline, "{text}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(value(&text, held) <= 1024.0 * 1024.0, "{text}");
+    assert_eq!(value(&text, too_large), 0.0, "{text}");
+    for mut s in socks {
+        s.write_all(&body[400 * 1024..]).await.unwrap();
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).await.unwrap();
+        let out = String::from_utf8_lossy(&out);
+        assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+        assert!(out.contains(&format!("\"md5\":\"{want}\"")), "{out}");
+    }
+    // A body over body_buffer is spooled for its size; the budget is all given back.
+    let big = vec![b'x'; 2 << 20];
+    let r = client()
+        .post(g.url("/body.php"))
+        .body(big)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    r.bytes().await.unwrap();
+    let text = g.metrics().await;
+    assert_eq!(value(&text, too_large), 1.0, "{text}");
+    assert_eq!(value(&text, held), 0.0, "{text}");
+}

@@ -356,6 +356,7 @@ impl Ctx {
         Limits {
             max_body: self.size(&s.max_body, "limits.max_body", 100 << 20),
             body_buffer: self.usize_size(&s.body_buffer, "limits.body_buffer", 1 << 20),
+            body_memory: self.size(&s.body_memory, "limits.body_memory", 256 << 20),
             max_header_bytes: self.usize_size(
                 &s.max_header_bytes,
                 "limits.max_header_bytes",

@@ -263,6 +263,9 @@ pub struct LimitsSpec {
     pub max_body: Option<Text>,
     /// Request bodies past this spill to a temp file. Default `1MiB`.
     pub body_buffer: Option<Text>,
+    /// All request bodies held in memory together; past it new bodies spill to temp files.
+    /// Default `256MiB`.
+    pub body_memory: Option<Text>,
     /// Largest client request head (→ 431). Default `64KiB`.
     pub max_header_bytes: Option<Text>,
     /// Longest request URI (→ 414). Default `8KiB`.

@@ -286,7 +286,10 @@ fn minimal_config_gets_every_default() {
     assert_eq!((v.root.as_str(), v.pool.as_str()), ("/var/www/html", "app"));
     assert!(v.index.is_none() && v.static_dir.is_none() && v.routes.is_empty());
     let l = &c.limits;
-    assert_eq!((l.max_body, l.body_buffer), (100 << 20, 1 << 20));
+    assert_eq!(
+        (l.max_body, l.body_buffer, l.body_memory),
+        (100 << 20, 1 << 20, 256 << 20)
+    );
     assert_eq!(
         (l.max_header_bytes, l.max_response_header, l.max_uri),
         (64 << 10, 64 << 10, 8 << 10)

@@ -9,9 +9,9 @@ use super::*;
 #[test]
 fn bad_durations_and_sizes() {
     let yaml = with_pool_keys("    keepalive: { idle_timeout: 5 }\n    queue: { timeout: 1M }\n")
-        + "limits:\n  max_body: 100M\n  body_buffer: 100MB\n  max_uri: 8KiB\n  header_timeout: 0s\nshutdown_grace: soon\n";
+        + "limits:\n  max_body: 100M\n  body_buffer: 100MB\n  body_memory: 0MiB\n  max_uri: 8KiB\n  header_timeout: 0s\nshutdown_grace: soon\n";
     let errs = errors(&yaml);
-    assert_eq!(errs.len(), 6, "{}", format_errors(Path::new("t"), &errs));
+    assert_eq!(errs.len(), 7, "{}", format_errors(Path::new("t"), &errs));
     assert_error(
         &errs,
         &yaml,
@@ -33,6 +33,13 @@ fn bad_durations_and_sizes() {
         "limits.body_buffer",
         "100MB",
         "use KiB/MiB/GiB (binary units)",
+    );
+    assert_error(
+        &errs,
+        &yaml,
+        "limits.body_memory",
+        "0MiB",
+        "greater than zero",
     );
     assert_error(
         &errs,

@@ -345,6 +345,9 @@ pub struct Limits {
     pub max_body: u64,
     /// Bodies past this many bytes spill to a temp file.
     pub body_buffer: usize,
+    /// Bytes of request bodies held in memory by all requests together; past it, bodies
+    /// spill to temp files whatever their size.
+    pub body_memory: u64,
     /// Largest request head (→ 431).
     pub max_header_bytes: usize,
     /// Longest request URI (→ 414).
