@@ -253,7 +253,9 @@ pub fn resolve(
     }
 }
 
-fn static_allowed(path: &str) -> bool {
+/// Whether the built-in rules let `path` (or a bare file name) be served statically:
+/// no hidden segment outside `/.well-known/`, no name ending in `.php` in any case.
+pub fn static_allowed(path: &str) -> bool {
     let rest = path.strip_prefix("/.well-known/").unwrap_or(path);
     let hidden = rest.split('/').any(|seg| seg.starts_with('.'));
     let last = rest.rsplit('/').next().unwrap_or("");

@@ -261,8 +261,8 @@ impl Proxy {
                 Resolved::Static => {
                     let dir = vhost.static_dir.as_ref().ok_or(ProxyError::NotFound)?;
                     let (method, headers) = (&parts.method, &parts.headers);
-                    return static_files::serve(dir, &path, method, headers, vhost.follow_symlinks)
-                        .await;
+                    let (follow, deny) = (vhost.follow_symlinks, &vhost.static_deny);
+                    return static_files::serve(dir, &path, method, headers, follow, deny).await;
                 }
                 Resolved::NotFound => return Err(ProxyError::NotFound),
             };

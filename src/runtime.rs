@@ -21,6 +21,7 @@ use crate::dns::{self, DnsMap};
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::pool::{ConnSettings, Endpoint, Pool};
 use crate::router::{RouteMatch, Router, VhostRoutes};
+use crate::static_files::DenyList;
 
 /// The shared handle every component reads the current runtime from.
 pub type Shared = Arc<ArcSwap<Runtime>>;
@@ -40,6 +41,8 @@ pub struct Vhost {
     pub static_dir: Option<PathBuf>,
     /// Static files may be symlinks leading out of the tree.
     pub follow_symlinks: bool,
+    /// File names never served from `static_dir`.
+    pub static_deny: DenyList,
 }
 
 /// A compiled, live configuration.
@@ -210,6 +213,7 @@ pub fn build(
             index: vc.index.clone(),
             static_dir: vc.static_dir.clone(),
             follow_symlinks: vc.follow_symlinks,
+            static_deny: DenyList::new(&vc.static_deny),
         });
     }
 

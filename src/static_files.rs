@@ -1,7 +1,8 @@
 //! Direct serving of files from a vhost's `static` tree: existing regular files only, never
 //! outside the tree (symlinks resolved and checked) unless the vhost has `follow_symlinks`,
 //! with content type, ETag, Last-Modified and conditional GET. Streamed from disk in
-//! bounded chunks.
+//! bounded chunks. Names on the vhost's deny list ([`DenyList`]) are never served, whether
+//! asked for or reached through a symlink.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -15,8 +16,11 @@ use http_body::{Frame, SizeHint};
 use tokio::io::AsyncRead;
 
 use crate::error::ProxyError;
-use crate::mapping::LocalFile;
+use crate::mapping::{self, LocalFile};
 use crate::respbody::ProxyBody;
+
+mod deny;
+pub use deny::{check_pattern, DenyList, DEFAULT_DENY};
 
 const CHUNK: usize = 64 * 1024;
 
@@ -40,7 +44,11 @@ pub async fn serve(
     method: &Method,
     headers: &HeaderMap,
     follow_symlinks: bool,
+    deny: &DenyList,
 ) -> Result<Response<ProxyBody>, ProxyError> {
+    if deny.denies(path) {
+        return Err(ProxyError::NotFound);
+    }
     if method != Method::GET && method != Method::HEAD {
         let mut resp = Response::new(ProxyBody::full("405 Method Not Allowed\n"));
         *resp.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
@@ -64,6 +72,19 @@ pub async fn serve(
         if !real.starts_with(&root) {
             return Err(ProxyError::NotFound);
         }
+    } else if tokio::fs::symlink_metadata(&real)
+        .await
+        .is_ok_and(|m| m.is_symlink())
+    {
+        real = tokio::fs::canonicalize(&real)
+            .await
+            .map_err(|_| ProxyError::NotFound)?;
+    }
+    // A symlink's target answers to the same rules as the name asked for: `style.css`
+    // leading to `wp-config.php` or `db.sql` is not served.
+    let target = real.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    if target.is_empty() || !mapping::static_allowed(target) || deny.denies(target) {
+        return Err(ProxyError::NotFound);
     }
     let file = tokio::fs::File::open(&real)
         .await

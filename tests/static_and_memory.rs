@@ -197,6 +197,62 @@ async fn symlinks_out_of_the_static_tree_need_follow_symlinks() {
     }
 }
 
+/// Copies of PHP sources, dumps and logs left in the tree are not handed out (nginx and
+/// Caddy serve them), whether asked for by name or reached through a symlink;
+/// `static_deny` replaces the list.
+#[tokio::test]
+async fn source_copies_and_dumps_in_the_static_tree_are_not_served() {
+    let top = tempfile::tempdir().unwrap();
+    let public = top.path();
+    for (name, text) in [
+        ("wp-config.php.bak", "<?php $password = 'secret';"),
+        ("index.php~", "<?php // editor backup"),
+        ("backup.sql", "INSERT INTO users"),
+        ("wp-config.php", "<?php $password = 'secret';"),
+        ("app.css", "body{}"),
+        ("notes.txt", "notes"),
+    ] {
+        std::fs::write(public.join(name), text).unwrap();
+    }
+    // Innocent names leading to what may not be served.
+    std::os::unix::fs::symlink("backup.sql", public.join("theme.css")).unwrap();
+    std::os::unix::fs::symlink("wp-config.php", public.join("logo.txt")).unwrap();
+    let status = |g: &Gate, path: &str| {
+        let url = g.url(path);
+        async move {
+            let r = client().get(url).send().await.unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        }
+    };
+    let g = gate_with_static(public);
+    for path in [
+        "/wp-config.php.bak",
+        "/WP-CONFIG.PHP.BAK",
+        "/index.php~",
+        "/backup.sql",
+    ] {
+        assert_eq!(status(&g, path).await.0, 404, "{path}");
+    }
+    for path in ["/theme.css", "/logo.txt"] {
+        let (code, body) = status(&g, path).await;
+        assert!(
+            code == 404 && !body.contains("secret") && !body.contains("INSERT"),
+            "{path}: {code} {body}"
+        );
+    }
+    assert_eq!(status(&g, "/app.css").await, (200, "body{}".into()));
+    assert_eq!(status(&g, "/notes.txt").await, (200, "notes".into()));
+    // A list of one's own replaces the default one.
+    let g = gate_with_static_and(public, "    static_deny: [\"*.TXT\"]");
+    assert_eq!(status(&g, "/notes.txt").await.0, 404);
+    assert_eq!(
+        status(&g, "/backup.sql").await,
+        (200, "INSERT INTO users".into())
+    );
+    // The built-in rules stay: a symlink's .php target is never served as text.
+    assert_eq!(status(&g, "/logo.txt").await.0, 404);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hundred_mib_static_file_streams_with_flat_memory() {
     let dir = tempfile::tempdir().unwrap();

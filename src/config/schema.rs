@@ -236,6 +236,9 @@ pub struct VhostSpec {
     /// nginx does by default (Laravel's `public/storage`). Default: false, only targets
     /// inside the tree.
     pub follow_symlinks: Option<Spanned<bool>>,
+    /// File-name patterns never served from `static` (`*.bak`). Default: PHP source copies,
+    /// templates, archives, dumps and logs; `[]` serves everything.
+    pub static_deny: Option<Vec<Text>>,
     /// SERVER_NAME for every request of this vhost. Default: the first host name, or for
     /// `*` and `*.suffix` the request's host (which the client chooses).
     pub server_name: Option<Text>,

@@ -318,9 +318,32 @@ fn vhost_root_index_and_static() {
             file.display()
         ),
     );
-    let yaml = yaml + "  - hosts: [c]\n    root: /c\n    pool: app\n    follow_symlinks: true\n";
+    let yaml = yaml
+        + "  - hosts: [c]\n    root: /c\n    pool: app\n    follow_symlinks: true\n"
+        + "    static_deny: [\"*.bak\", \"logs/*.log\", \"**\"]\n";
     let errs = s.parse(&yaml).expect_err("invalid");
-    assert_eq!(errs.len(), 6, "{}", format_errors(Path::new("t"), &errs));
+    assert_eq!(errs.len(), 9, "{}", format_errors(Path::new("t"), &errs));
+    assert_error(
+        &errs,
+        &yaml,
+        "vhosts[2].static_deny",
+        "\"*.bak\"",
+        "`static`, which is not set",
+    );
+    assert_error(
+        &errs,
+        &yaml,
+        "vhosts[2].static_deny[1]",
+        "\"logs/*.log\"",
+        "without `/`",
+    );
+    assert_error(
+        &errs,
+        &yaml,
+        "vhosts[2].static_deny[2]",
+        "\"**\"",
+        "must name something",
+    );
     assert_error(
         &errs,
         &yaml,

@@ -314,6 +314,8 @@ pub struct VhostConfig {
     pub static_dir: Option<PathBuf>,
     /// Static files may be symlinks to anywhere, not only inside `static_dir`.
     pub follow_symlinks: bool,
+    /// File-name patterns never served from `static_dir` (checked).
+    pub static_deny: Vec<String>,
     /// SERVER_NAME, when set.
     pub server_name: Option<String>,
     /// Routes, first match wins.

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use super::super::schema::{RouteSpec, Text, VhostSpec};
 use super::super::{RouteConfig, RouteMatch, VhostConfig};
 use super::{loc, Ctx};
+use crate::static_files::{check_pattern, DEFAULT_DENY};
 
 /// Compiled regexes are capped so a route cannot make every request expensive.
 const REGEX_SIZE_LIMIT: usize = 1 << 20;
@@ -83,6 +84,26 @@ impl Ctx {
                     "follow_symlinks applies to files served from `static`, which is not set",
                 );
             }
+            let static_deny = match &spec.static_deny {
+                None => DEFAULT_DENY.iter().map(|p| p.to_string()).collect(),
+                Some(list) => {
+                    if spec.static_dir.is_none() {
+                        self.err(
+                            &format!("{p}.static_deny"),
+                            list.first().and_then(loc),
+                            "static_deny applies to files served from `static`, which is not set",
+                        );
+                    }
+                    let mut out = Vec::new();
+                    for (j, t) in list.iter().enumerate() {
+                        match check_pattern(&t.value) {
+                            Ok(()) => out.push(t.value.clone()),
+                            Err(e) => self.err(&format!("{p}.static_deny[{j}]"), loc(t), e),
+                        }
+                    }
+                    out
+                }
+            };
             let server_name = spec.server_name.as_ref().and_then(|t| {
                 let v = t.value.as_str();
                 let ok = !v.is_empty()
@@ -106,6 +127,7 @@ impl Ctx {
                     index,
                     static_dir,
                     follow_symlinks,
+                    static_deny,
                     server_name,
                     routes,
                 });
