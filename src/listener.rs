@@ -240,13 +240,28 @@ pub async fn accept_loop(
             let guard = ConnGuard::new(gauge, permit);
             let (mut stream, mut remote, mut local) = (stream, remote, local);
             if proxy_protocol {
-                let timeout = s2.proxy.shared.load().limits().header_timeout;
+                let refused = |cause| {
+                    let m = &s2.metrics.client_refused;
+                    m.with_label_values(&[kind, cause]).inc();
+                };
+                let timeout = {
+                    let rt = s2.proxy.shared.load();
+                    let from = &rt.config.proxy_protocol_from;
+                    if !from.is_empty() && !from.iter().any(|n| n.contains(remote.ip())) {
+                        // Whoever may write a PROXY header names every client it carries.
+                        tracing::debug!(%remote, "connection refused: not in proxy_protocol_from");
+                        refused("proxy_source");
+                        return;
+                    }
+                    rt.limits().header_timeout
+                };
                 // Boxed, like the serving below.
                 match Box::pin(crate::proxy_protocol::read_header(&mut stream, timeout)).await {
                     Ok(Some((src, dst))) => (remote, local) = (src, dst),
                     Ok(None) => {}
                     Err(e) => {
                         tracing::debug!(%remote, "connection refused: {e}");
+                        refused("proxy_header");
                         return;
                     }
                 }

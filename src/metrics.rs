@@ -28,6 +28,8 @@ pub struct Metrics {
     pub http_duration: HistogramVec,
     /// Client connections currently open, by listener kind.
     pub client_connections: IntGaugeVec,
+    /// Client connections closed before any request, by listener kind and cause.
+    pub client_refused: IntCounterVec,
     /// FastCGI requests by endpoint and status FPM returned.
     pub upstream_requests: IntCounterVec,
     /// Time from sending the request to the end of FPM's response head.
@@ -189,6 +191,13 @@ impl Metrics {
                 "fpmgate_client_connections",
                 "Open client connections by listener kind.",
                 &["listener"],
+            ),
+            client_refused: counter(
+                &r,
+                "fpmgate_client_connections_refused_total",
+                "Client connections closed before any request: cause=proxy_source (not in \
+                 proxy_protocol_from) or proxy_header (no valid PROXY header in time).",
+                &["listener", "cause"],
             ),
             upstream_requests: counter(
                 &r,

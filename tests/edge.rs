@@ -239,6 +239,64 @@ access_log: off
     assert!(resp.is_empty(), "served without a PROXY header: {resp}");
 }
 
+/// Whoever may write a PROXY header names every client behind it: `proxy_protocol_from`
+/// keeps that to the load balancers, and a reload changes who they are.
+#[tokio::test]
+async fn proxy_protocol_from_refuses_other_peers() {
+    let config = |from: &str| {
+        format!(
+            r#"
+listen: [ {{ bind: "127.0.0.1:0", proxy_protocol: true }} ]
+admin: {{ bind: "127.0.0.1:0" }}
+proxy_protocol_from: [{from}]
+pools:
+  main:
+    endpoints: [ {{ addr: "{}" }} ]
+vhosts:
+  - hosts: ["*"]
+    root: {}
+    pool: main
+access_log: off
+"#,
+            shared_fpm().endpoint(),
+            php_root().display()
+        )
+    };
+    let g = Gate::start(&config("10.0.0.0/8, \"::1\""));
+    let mut v1 = b"PROXY TCP4 192.0.2.10 192.0.2.20 40000 443\r\n".to_vec();
+    v1.extend_from_slice(b"GET /server.php HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    let resp = raw(&g, &v1);
+    assert!(
+        resp.is_empty(),
+        "served from outside proxy_protocol_from: {resp}"
+    );
+    let refused = |text: &str, cause: &str| {
+        text.lines()
+            .filter(|l| l.starts_with("fpmgate_client_connections_refused_total{"))
+            .filter(|l| l.contains(&format!("cause=\"{cause}\"")))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>()
+    };
+    let text = g.metrics().await;
+    assert_eq!(refused(&text, "proxy_source"), 1.0, "{text}");
+    // Without a header, from an allowed peer: refused for the header.
+    g.rewrite_config(&config("127.0.0.0/8"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !g.metrics().await.contains("fpmgate_config_generation 2") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the reload did not apply"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let v = body_json(&raw(&g, &v1));
+    assert_eq!(v["REMOTE_ADDR"], "192.0.2.10");
+    assert!(raw(&g, b"GET /server.php HTTP/1.1\r\nHost: x\r\n\r\n").is_empty());
+    let text = g.metrics().await;
+    assert_eq!(refused(&text, "proxy_header"), 1.0, "{text}");
+    assert_eq!(refused(&text, "proxy_source"), 1.0, "{text}");
+}
+
 /// On the `*` vhost SERVER_NAME is the request's host, which the client chooses; a
 /// vhost's `server_name` pins it (apps that build links from it cannot be pointed
 /// elsewhere).

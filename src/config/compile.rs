@@ -66,19 +66,15 @@ pub fn compile(spec: ConfigSpec, path: &Path) -> Result<Config, Vec<ConfigError>
         Some(w.value).filter(|&n| n > 0)
     });
 
-    let trusted_proxies = spec
-        .trusted_proxies
-        .unwrap_or_default()
-        .iter()
-        .enumerate()
-        .filter_map(|(i, t)| match super::Cidr::parse(&t.value) {
-            Ok(c) => Some(c),
-            Err(e) => {
-                cx.err(&format!("trusted_proxies[{i}]"), loc(t), e);
-                None
-            }
-        })
-        .collect();
+    let mut cidrs = |list: Option<Vec<Text>>, key: &str| -> Vec<super::Cidr> {
+        let list = list.unwrap_or_default();
+        let parsed = list.iter().enumerate().map(|(i, t)| {
+            super::Cidr::parse(&t.value).map_err(|e| cx.err(&format!("{key}[{i}]"), loc(t), e))
+        });
+        parsed.filter_map(Result::ok).collect()
+    };
+    let trusted_proxies = cidrs(spec.trusted_proxies, "trusted_proxies");
+    let proxy_protocol_from = cidrs(spec.proxy_protocol_from, "proxy_protocol_from");
     let real_ip_header = match spec.real_ip_header.as_ref() {
         None => super::RealIpHeader::XForwardedFor,
         Some(t) if t.value.eq_ignore_ascii_case("x-forwarded-for") => {
@@ -117,6 +113,7 @@ pub fn compile(spec: ConfigSpec, path: &Path) -> Result<Config, Vec<ConfigError>
     Ok(Config {
         trusted_proxies,
         real_ip_header,
+        proxy_protocol_from,
         access_log,
         path: path.to_path_buf(),
         listeners,

@@ -34,9 +34,12 @@ pub struct ConfigSpec {
     pub shutdown_grace: Option<Text>,
     /// Runtime worker threads. Default: the number of CPU cores.
     pub workers: Option<Spanned<usize>>,
-    /// Peers (CIDRs) whose `X-Forwarded-For` / `X-Real-IP` / PROXY protocol header is
-    /// believed for REMOTE_ADDR. Default: none.
+    /// Peers (CIDRs) whose `X-Forwarded-For` / `X-Real-IP` header is believed for
+    /// REMOTE_ADDR. Default: none.
     pub trusted_proxies: Option<Vec<Text>>,
+    /// Peers (CIDRs) that may open connections on `proxy_protocol` listeners (the load
+    /// balancers); others are refused before their header is read. Default: any peer.
+    pub proxy_protocol_from: Option<Vec<Text>>,
     /// The header a trusted proxy names the client in: `x-forwarded-for` (right-most
     /// untrusted hop; `X-Real-IP` only when it is absent) or `x-real-ip` (only that one, for
     /// fronts that set X-Real-IP and pass the client's X-Forwarded-For on untouched).

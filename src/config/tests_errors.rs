@@ -479,6 +479,21 @@ fn real_ip_header_names_one_of_two_headers() {
 }
 
 #[test]
+fn address_lists_name_each_bad_entry() {
+    let c = ok(&format!(
+        "{MINIMAL}proxy_protocol_from: [10.0.0.0/8, \"::1\"]\n"
+    ));
+    assert_eq!(c.proxy_protocol_from.len(), 2);
+    assert!(c.trusted_proxies.is_empty() && ok(MINIMAL).proxy_protocol_from.is_empty());
+    let yaml =
+        format!("{MINIMAL}trusted_proxies: [10.0.0.0/33]\nproxy_protocol_from: [lb.internal]\n");
+    let errs = errors(&yaml);
+    assert_eq!(errs.len(), 2, "{}", format_errors(Path::new("t"), &errs));
+    assert_error(&errs, &yaml, "trusted_proxies[0]", "10.0.0.0/33", "");
+    assert_error(&errs, &yaml, "proxy_protocol_from[0]", "lb.internal", "");
+}
+
+#[test]
 fn server_name_is_one_host_name() {
     let with = |name: &str| {
         MINIMAL.replace(

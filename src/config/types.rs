@@ -33,6 +33,8 @@ pub struct Config {
     pub trusted_proxies: Vec<Cidr>,
     /// Which of those headers names the client.
     pub real_ip_header: RealIpHeader,
+    /// Peers that may connect to `proxy_protocol` listeners; empty = any.
+    pub proxy_protocol_from: Vec<Cidr>,
     /// Access log format.
     pub access_log: AccessLogFormat,
 }
