@@ -195,8 +195,7 @@ impl Metrics {
             client_refused: counter(
                 &r,
                 "fpmgate_client_connections_refused_total",
-                "Client connections closed before any request: cause=proxy_source (not in \
-                 proxy_protocol_from) or proxy_header (no valid PROXY header in time).",
+                "Client connections closed before any request, by cause.",
                 &["listener", "cause"],
             ),
             upstream_requests: counter(
@@ -329,8 +328,7 @@ impl Metrics {
             request_bodies_spooled: counter(
                 &r,
                 "fpmgate_request_bodies_spooled_total",
-                "Request bodies written to a temporary file: cause=size (over body_buffer) or \
-                 memory (under it, with limits.body_memory full).",
+                "Request bodies spooled to a temporary file, by cause (size, memory).",
                 &["cause"],
             ),
             config_last_success,
