@@ -23,8 +23,10 @@ pub use memory::{BodyMemory, Lease};
 pub enum RequestBody {
     /// No body bytes.
     Empty,
-    /// The whole body in memory, and its share of the memory budget.
-    Memory(Bytes, Lease),
+    /// The whole body in memory. Its share of the memory budget goes with the bytes: it
+    /// is given back when the last clone is dropped (a request still being written to FPM
+    /// while the response streams outlives this value).
+    Memory(Bytes),
     /// A body larger than `body_buffer` (or arriving with the memory budget full), spooled
     /// to an unlinked temporary file.
     File {
@@ -40,7 +42,7 @@ impl RequestBody {
     pub fn len(&self) -> u64 {
         match self {
             RequestBody::Empty => 0,
-            RequestBody::Memory(b, _) => b.len() as u64,
+            RequestBody::Memory(b) => b.len() as u64,
             RequestBody::File { len, .. } => *len,
         }
     }
@@ -157,12 +159,12 @@ where
         });
     }
     if let Some(f) = first {
-        return Ok(RequestBody::Memory(f, lease));
+        return Ok(RequestBody::Memory(lease.attach(f)));
     }
     Ok(if mem.is_empty() {
         RequestBody::Empty
     } else {
-        RequestBody::Memory(mem.freeze(), lease)
+        RequestBody::Memory(lease.attach(mem.freeze()))
     })
 }
 

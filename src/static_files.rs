@@ -56,34 +56,25 @@ pub async fn serve(
             .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
         return Ok(resp);
     }
-    let mut real = join(dir, path);
-    if !follow_symlinks {
-        // Symlinks may point anywhere; what they resolve to must still be inside the tree.
-        let root = match (
-            tokio::fs::canonicalize(&real).await,
-            tokio::fs::canonicalize(dir).await,
-        ) {
-            (Ok(r), Ok(d)) => {
-                real = r;
-                d
-            }
-            _ => return Err(ProxyError::NotFound),
-        };
-        if !real.starts_with(&root) {
-            return Err(ProxyError::NotFound);
-        }
-    } else if tokio::fs::symlink_metadata(&real)
-        .await
-        .is_ok_and(|m| m.is_symlink())
-    {
-        real = tokio::fs::canonicalize(&real)
-            .await
-            .map_err(|_| ProxyError::NotFound)?;
-    }
-    // A symlink's target answers to the same rules as the name asked for: `style.css`
-    // leading to `wp-config.php` or `db.sql` is not served.
-    let target = real.file_name().and_then(|n| n.to_str()).unwrap_or("");
-    if target.is_empty() || !mapping::static_allowed(target) || deny.denies(target) {
+    // Symlinks may point anywhere: what they resolve to is what is checked and opened.
+    let (real, root) = match (
+        tokio::fs::canonicalize(join(dir, path)).await,
+        tokio::fs::canonicalize(dir).await,
+    ) {
+        (Ok(r), Ok(d)) => (r, d),
+        _ => return Err(ProxyError::NotFound),
+    };
+    // The target answers to the same rules as the name asked for, every segment of it
+    // within the tree: `style.css -> backup.sql`, `info.txt -> .git/config` and
+    // `logo.txt -> wp-config.php` are not served. Outside the tree (`follow_symlinks`),
+    // its name does.
+    let target = match real.strip_prefix(&root) {
+        Ok(inside) => inside.to_str().map(|t| format!("/{t}")),
+        Err(_) if follow_symlinks => real.file_name().and_then(|n| n.to_str()).map(String::from),
+        Err(_) => None,
+    };
+    let allowed = |t: &str| !t.ends_with('/') && mapping::static_allowed(t) && !deny.denies(t);
+    if !target.as_deref().is_some_and(allowed) {
         return Err(ProxyError::NotFound);
     }
     let file = tokio::fs::File::open(&real)

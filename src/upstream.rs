@@ -277,7 +277,7 @@ pub fn encode_request(
 ) -> Bytes {
     let apart = sent_apart(body).is_some();
     let body_len = match body {
-        RequestBody::Memory(b, _) if !apart => {
+        RequestBody::Memory(b) if !apart => {
             b.len() + (b.len() / codec::MAX_CONTENT_LEN + 1) * codec::HEADER_LEN
         }
         _ => 0,
@@ -294,8 +294,8 @@ pub fn encode_request(
     params.finish();
     match body {
         // Large ones follow the wire buffer from their own (see `sent_apart`).
-        RequestBody::Memory(..) if apart => {}
-        RequestBody::Memory(b, _) => {
+        RequestBody::Memory(_) if apart => {}
+        RequestBody::Memory(b) => {
             codec::put_stdin(&mut wire, REQUEST_ID, b);
             codec::put_stdin_end(&mut wire, REQUEST_ID);
         }
@@ -314,7 +314,7 @@ const SEND_APART_OVER: usize = 16 * 1024;
 /// The in-memory body that is written after the wire buffer rather than inside it.
 fn sent_apart(body: &RequestBody) -> Option<Bytes> {
     match body {
-        RequestBody::Memory(b, _) if b.len() > SEND_APART_OVER => Some(b.clone()),
+        RequestBody::Memory(b) if b.len() > SEND_APART_OVER => Some(b.clone()),
         _ => None,
     }
 }

@@ -214,9 +214,13 @@ async fn source_copies_and_dumps_in_the_static_tree_are_not_served() {
     ] {
         std::fs::write(public.join(name), text).unwrap();
     }
+    std::fs::create_dir(public.join(".git")).unwrap();
+    std::fs::write(public.join(".git/config"), "[remote] url = secret").unwrap();
     // Innocent names leading to what may not be served.
     std::os::unix::fs::symlink("backup.sql", public.join("theme.css")).unwrap();
     std::os::unix::fs::symlink("wp-config.php", public.join("logo.txt")).unwrap();
+    std::os::unix::fs::symlink(".git/config", public.join("info.txt")).unwrap();
+    std::os::unix::fs::symlink(".git", public.join("repo")).unwrap();
     let status = |g: &Gate, path: &str| {
         let url = g.url(path);
         async move {
@@ -233,7 +237,7 @@ async fn source_copies_and_dumps_in_the_static_tree_are_not_served() {
     ] {
         assert_eq!(status(&g, path).await.0, 404, "{path}");
     }
-    for path in ["/theme.css", "/logo.txt"] {
+    for path in ["/theme.css", "/logo.txt", "/info.txt", "/repo/config"] {
         let (code, body) = status(&g, path).await;
         assert!(
             code == 404 && !body.contains("secret") && !body.contains("INSERT"),
@@ -465,4 +469,76 @@ access_log: off
     let text = g.metrics().await;
     assert_eq!(value(&text, too_large), 1.0, "{text}");
     assert_eq!(value(&text, held), 0.0, "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_fpm_has_not_read_stays_counted_while_the_response_streams() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    // stream.php answers at once and never reads its input: what of a 7 MiB PUT the
+    // kernel's socket buffers (up to 4 MiB here) do not take waits to be written to FPM
+    // while the response streams, and stays in memory.
+    let g = Gate::start(&format!(
+        r#"
+listen: [ {{ bind: "127.0.0.1:0" }} ]
+admin: {{ bind: "127.0.0.1:0" }}
+pools:
+  main:
+    endpoints: [ {{ addr: "{}" }} ]
+vhosts:
+  - hosts: ["*"]
+    root: {}
+    pool: main
+limits: {{ body_buffer: 8MiB, body_memory: 12MiB }}
+access_log: off
+"#,
+        shared_fpm().endpoint(),
+        php_root().display(),
+    ));
+    let value = |text: &str, name: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0.0)
+    };
+    let held = "fpmgate_request_body_memory_bytes ";
+    let over_budget = "fpmgate_request_bodies_spooled_total{cause=\"memory\"}";
+    let put = |len: usize| {
+        let addr = g.http;
+        async move {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let head = format!(
+                "PUT /stream.php?n=20&ms=100 HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n"
+            );
+            s.write_all(head.as_bytes()).await.unwrap();
+            s.write_all(&vec![b'b'; len]).await.unwrap();
+            let mut got = Vec::new();
+            while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                let mut buf = [0u8; 4096];
+                let n = s.read(&mut buf).await.unwrap();
+                assert!(n > 0, "closed before the head");
+                got.extend_from_slice(&buf[..n]);
+            }
+            assert!(
+                got.starts_with(b"HTTP/1.1 200"),
+                "{}",
+                String::from_utf8_lossy(&got)
+            );
+            s
+        }
+    };
+    let mut first = put(7 << 20).await;
+    let text = g.metrics().await;
+    assert!(value(&text, held) >= (7 << 20) as f64, "{text}");
+    // The budget still has that body in it: the next one goes to a file.
+    let mut second = put(7 << 20).await;
+    let text = g.metrics().await;
+    assert_eq!(value(&text, over_budget), 1.0, "{text}");
+    for s in [&mut first, &mut second] {
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest).await.unwrap();
+        assert!(String::from_utf8_lossy(&rest).contains("tick 19"));
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(value(&g.metrics().await, held), 0.0);
 }

@@ -7,6 +7,7 @@
 
 use std::sync::Arc;
 
+use bytes::Bytes;
 use prometheus::{IntCounter, IntGauge};
 
 /// The bytes held (the gauge is the count itself: one atomic, no scrape hook) and the
@@ -93,6 +94,27 @@ impl Lease {
     pub fn bytes(&self) -> usize {
         self.held as usize
     }
+
+    /// `bytes`, owning this lease: it is given back when the last clone of them is dropped,
+    /// wherever that clone went.
+    pub fn attach(self, bytes: Bytes) -> Bytes {
+        Bytes::from_owner(Counted {
+            bytes,
+            _lease: self,
+        })
+    }
+}
+
+/// Bytes and the share of the budget they hold.
+struct Counted {
+    bytes: Bytes,
+    _lease: Lease,
+}
+
+impl AsRef<[u8]> for Counted {
+    fn as_ref(&self) -> &[u8] {
+        &self.bytes
+    }
 }
 
 impl Drop for Lease {
@@ -127,6 +149,19 @@ mod tests {
         drop(b);
         assert_eq!(m.held(), 10);
         drop(a);
+        assert_eq!(m.held(), 0);
+    }
+
+    #[test]
+    fn attached_bytes_hold_their_share_until_the_last_clone_goes() {
+        let m = BodyMemory::unregistered();
+        let mut lease = m.lease(100);
+        assert!(lease.hold(10));
+        let bytes = lease.attach(Bytes::from_static(b"0123456789"));
+        let tail = bytes.slice(4..);
+        drop(bytes);
+        assert_eq!((m.held(), &tail[..]), (10, &b"456789"[..]));
+        drop(tail);
         assert_eq!(m.held(), 0);
     }
 

@@ -74,7 +74,17 @@ pub fn compile(spec: ConfigSpec, path: &Path) -> Result<Config, Vec<ConfigError>
         parsed.filter_map(Result::ok).collect()
     };
     let trusted_proxies = cidrs(spec.trusted_proxies, "trusted_proxies");
+    let empty_from = spec.proxy_protocol_from.as_ref().is_some_and(Vec::is_empty);
     let proxy_protocol_from = cidrs(spec.proxy_protocol_from, "proxy_protocol_from");
+    if empty_from {
+        // Read as "no one" or as "anyone"? Only the absent key means anyone.
+        cx.err(
+            "proxy_protocol_from",
+            None,
+            "an empty list is ambiguous: list the load balancers, or leave the key out to \
+             take PROXY headers from any peer",
+        );
+    }
     let real_ip_header = match spec.real_ip_header.as_ref() {
         None => super::RealIpHeader::XForwardedFor,
         Some(t) if t.value.eq_ignore_ascii_case("x-forwarded-for") => {

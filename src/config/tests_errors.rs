@@ -491,6 +491,9 @@ fn address_lists_name_each_bad_entry() {
     assert_eq!(errs.len(), 2, "{}", format_errors(Path::new("t"), &errs));
     assert_error(&errs, &yaml, "trusted_proxies[0]", "10.0.0.0/33", "");
     assert_error(&errs, &yaml, "proxy_protocol_from[0]", "lb.internal", "");
+    let errs = errors(&format!("{MINIMAL}proxy_protocol_from: []\n"));
+    assert_eq!(errs.len(), 1);
+    assert!(errs[0].message.contains("ambiguous"), "{}", errs[0].message);
 }
 
 #[test]
