@@ -389,15 +389,13 @@ async fn idle_keepalive_connections_park_and_give_memory_back() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn request_bodies_held_in_memory_share_one_budget() {
-    use md5::{Digest, Md5};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+const HELD: &str = "fpmgate_request_body_memory_bytes ";
+const OVER_BUDGET: &str = "fpmgate_request_bodies_spooled_total{cause=\"memory\"}";
+const TOO_LARGE: &str = "fpmgate_request_bodies_spooled_total{cause=\"size\"}";
 
-    // Three clients each send 400 KiB of a 600 KiB body and pause. Each is under
-    // body_buffer, but the three together are over body_memory: whoever finds it full
-    // goes to a temporary file, and every body still arrives whole.
-    let g = Gate::start(&format!(
+/// A gate on the shared FPM with an admin listener and these `limits`.
+fn gate_with_body_limits(limits: &str) -> Gate {
+    Gate::start(&format!(
         r#"
 listen: [ {{ bind: "127.0.0.1:0" }} ]
 admin: {{ bind: "127.0.0.1:0" }}
@@ -408,21 +406,31 @@ vhosts:
   - hosts: ["*"]
     root: {}
     pool: main
-limits: {{ body_buffer: 1MiB, body_memory: 1MiB }}
+limits: {{ {limits} }}
 access_log: off
 "#,
         shared_fpm().endpoint(),
         php_root().display(),
-    ));
-    let value = |text: &str, name: &str| -> f64 {
-        text.lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-            .unwrap_or(0.0)
-    };
-    let held = "fpmgate_request_body_memory_bytes ";
-    let over_budget = "fpmgate_request_bodies_spooled_total{cause=\"memory\"}";
-    let too_large = "fpmgate_request_bodies_spooled_total{cause=\"size\"}";
+    ))
+}
+
+/// The value of the first series in `text` whose line starts with `name` (0 if none).
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_bodies_held_in_memory_share_one_budget() {
+    use md5::{Digest, Md5};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    // Three clients each send 400 KiB of a 600 KiB body and pause. Each is under
+    // body_buffer, but the three together are over body_memory: whoever finds it full
+    // goes to a temporary file, and every body still arrives whole.
+    let g = gate_with_body_limits("body_buffer: 1MiB, body_memory: 1MiB");
     let body: Vec<u8> = (0..600 * 1024).map(|i| (i * 7 % 251) as u8).collect();
     let want = format!("{:x}", Md5::digest(&body));
     let mut socks = Vec::new();
@@ -440,14 +448,14 @@ access_log: off
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     let text = loop {
         let text = g.metrics().await;
-        if value(&text, over_budget) >= 1.0 && value(&text, held) >= 400.0 * 1024.0 {
+        if metric(&text, OVER_BUDGET) >= 1.0 && metric(&text, HELD) >= 400.0 * 1024.0 {
             break text;
         }
         assert!(std::time::Instant::now() < deadline, "{text}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    assert!(value(&text, held) <= 1024.0 * 1024.0, "{text}");
-    assert_eq!(value(&text, too_large), 0.0, "{text}");
+    assert!(metric(&text, HELD) <= 1024.0 * 1024.0, "{text}");
+    assert_eq!(metric(&text, TOO_LARGE), 0.0, "{text}");
     for mut s in socks {
         s.write_all(&body[400 * 1024..]).await.unwrap();
         let mut out = Vec::new();
@@ -467,8 +475,8 @@ access_log: off
     assert_eq!(r.status(), 200);
     r.bytes().await.unwrap();
     let text = g.metrics().await;
-    assert_eq!(value(&text, too_large), 1.0, "{text}");
-    assert_eq!(value(&text, held), 0.0, "{text}");
+    assert_eq!(metric(&text, TOO_LARGE), 1.0, "{text}");
+    assert_eq!(metric(&text, HELD), 0.0, "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -478,31 +486,7 @@ async fn a_body_fpm_has_not_read_stays_counted_while_the_response_streams() {
     // stream.php answers at once and never reads its input: what of a 7 MiB PUT the
     // kernel's socket buffers (up to 4 MiB here) do not take waits to be written to FPM
     // while the response streams, and stays in memory.
-    let g = Gate::start(&format!(
-        r#"
-listen: [ {{ bind: "127.0.0.1:0" }} ]
-admin: {{ bind: "127.0.0.1:0" }}
-pools:
-  main:
-    endpoints: [ {{ addr: "{}" }} ]
-vhosts:
-  - hosts: ["*"]
-    root: {}
-    pool: main
-limits: {{ body_buffer: 8MiB, body_memory: 12MiB }}
-access_log: off
-"#,
-        shared_fpm().endpoint(),
-        php_root().display(),
-    ));
-    let value = |text: &str, name: &str| -> f64 {
-        text.lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-            .unwrap_or(0.0)
-    };
-    let held = "fpmgate_request_body_memory_bytes ";
-    let over_budget = "fpmgate_request_bodies_spooled_total{cause=\"memory\"}";
+    let g = gate_with_body_limits("body_buffer: 8MiB, body_memory: 12MiB");
     let put = |len: usize| {
         let addr = g.http;
         async move {
@@ -529,16 +513,16 @@ access_log: off
     };
     let mut first = put(7 << 20).await;
     let text = g.metrics().await;
-    assert!(value(&text, held) >= (7 << 20) as f64, "{text}");
+    assert!(metric(&text, HELD) >= (7 << 20) as f64, "{text}");
     // The budget still has that body in it: the next one goes to a file.
     let mut second = put(7 << 20).await;
     let text = g.metrics().await;
-    assert_eq!(value(&text, over_budget), 1.0, "{text}");
+    assert_eq!(metric(&text, OVER_BUDGET), 1.0, "{text}");
     for s in [&mut first, &mut second] {
         let mut rest = Vec::new();
         s.read_to_end(&mut rest).await.unwrap();
         assert!(String::from_utf8_lossy(&rest).contains("tick 19"));
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(value(&g.metrics().await, held), 0.0);
+    assert_eq!(metric(&g.metrics().await, HELD), 0.0);
 }
