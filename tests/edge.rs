@@ -189,11 +189,12 @@ async fn trusted_forwarded_for_sets_remote_addr() {
     assert_ne!(v["HTTP_X_REQUEST_ID"], "spoofed");
 }
 
-#[tokio::test]
-async fn proxy_protocol_v1_and_v2_set_remote_addr() {
-    let g = Gate::start(&format!(
+/// A gate whose one listener takes the PROXY protocol, with `extra` top-level keys.
+fn proxy_protocol_config(extra: &str) -> String {
+    format!(
         r#"
 listen: [ {{ bind: "127.0.0.1:0", proxy_protocol: true }} ]
+{extra}
 pools:
   main:
     endpoints: [ {{ addr: "{}" }} ]
@@ -205,7 +206,12 @@ access_log: off
 "#,
         shared_fpm().endpoint(),
         php_root().display()
-    ));
+    )
+}
+
+#[tokio::test]
+async fn proxy_protocol_v1_and_v2_set_remote_addr() {
+    let g = Gate::start(&proxy_protocol_config(""));
     let req = b"GET /server.php HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
     let mut v1 = b"PROXY TCP4 192.0.2.10 192.0.2.20 40000 443\r\n".to_vec();
     v1.extend_from_slice(req);
@@ -244,23 +250,9 @@ access_log: off
 #[tokio::test]
 async fn proxy_protocol_from_refuses_other_peers() {
     let config = |from: &str| {
-        format!(
-            r#"
-listen: [ {{ bind: "127.0.0.1:0", proxy_protocol: true }} ]
-admin: {{ bind: "127.0.0.1:0" }}
-proxy_protocol_from: [{from}]
-pools:
-  main:
-    endpoints: [ {{ addr: "{}" }} ]
-vhosts:
-  - hosts: ["*"]
-    root: {}
-    pool: main
-access_log: off
-"#,
-            shared_fpm().endpoint(),
-            php_root().display()
-        )
+        proxy_protocol_config(&format!(
+            "admin: {{ bind: \"127.0.0.1:0\" }}\nproxy_protocol_from: [{from}]"
+        ))
     };
     let g = Gate::start(&config("10.0.0.0/8, \"::1\""));
     let mut v1 = b"PROXY TCP4 192.0.2.10 192.0.2.20 40000 443\r\n".to_vec();
