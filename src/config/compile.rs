@@ -152,6 +152,9 @@ pub(super) struct Ctx {
     base: PathBuf,
 }
 
+/// The smallest `limits.max_header_bytes`: hyper's HTTP/1 minimum read buffer.
+const MIN_HEAD: usize = 8 << 10;
+
 impl Ctx {
     pub(super) fn err(
         &mut self,
@@ -360,15 +363,22 @@ impl Ctx {
             Some(n) => n.value,
             None => 10_000,
         };
+        let max_header_bytes =
+            self.usize_size(&s.max_header_bytes, "limits.max_header_bytes", 64 << 10);
+        if max_header_bytes < MIN_HEAD {
+            // hyper's HTTP/1 read buffer cannot be smaller: a lower limit would hold on
+            // HTTP/2 and silently be 8 KiB on HTTP/1.
+            self.err(
+                "limits.max_header_bytes",
+                s.max_header_bytes.as_ref().and_then(loc),
+                "must be at least 8KiB (the smallest HTTP/1 head buffer)",
+            );
+        }
         Limits {
             max_body: self.size(&s.max_body, "limits.max_body", 100 << 20),
             body_buffer: self.usize_size(&s.body_buffer, "limits.body_buffer", 1 << 20),
             body_memory: self.size(&s.body_memory, "limits.body_memory", 256 << 20),
-            max_header_bytes: self.usize_size(
-                &s.max_header_bytes,
-                "limits.max_header_bytes",
-                64 << 10,
-            ),
+            max_header_bytes,
             max_uri: self.usize_size(&s.max_uri, "limits.max_uri", 8 << 10),
             max_response_header: self.usize_size(
                 &s.max_response_header,

@@ -479,6 +479,20 @@ fn real_ip_header_names_one_of_two_headers() {
 }
 
 #[test]
+fn max_header_bytes_is_at_least_the_http1_head_buffer() {
+    let yaml = format!("{MINIMAL}limits: {{ max_header_bytes: 4KiB }}\n");
+    let errs = errors(&yaml);
+    assert_eq!(errs.len(), 1);
+    assert_error(
+        &errs,
+        &yaml,
+        "limits.max_header_bytes",
+        "4KiB",
+        "at least 8KiB",
+    );
+}
+
+#[test]
 fn address_lists_name_each_bad_entry() {
     let c = ok(&format!(
         "{MINIMAL}proxy_protocol_from: [10.0.0.0/8, \"::1\"]\n"
