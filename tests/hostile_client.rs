@@ -457,6 +457,44 @@ async fn a_client_that_stops_reading_is_cut_at_send_timeout() {
 }
 
 #[tokio::test]
+async fn an_http2_client_giving_one_byte_of_window_does_not_hold_its_connection() {
+    // A small answer goes to h2's send buffer whole and the request counts as done; a
+    // client that never opens its window (but answers pings) must still be let go.
+    let g = Gate::start(&format!(
+        r#"
+listen: [ {{ bind: "127.0.0.1:0" }} ]
+limits: {{ send_timeout: 1s, idle_timeout: 1s }}
+pools:
+  main:
+    endpoints: [ {{ addr: "{}" }} ]
+vhosts:
+  - hosts: ["*"]
+    root: {}
+    pool: main
+"#,
+        shared_fpm().endpoint(),
+        php_root().display()
+    ));
+    let tcp = tokio::net::TcpStream::connect(g.http).await.unwrap();
+    let (mut h2, conn) = h2::client::Builder::new()
+        .initial_window_size(1)
+        .handshake::<_, bytes::Bytes>(tcp)
+        .await
+        .unwrap();
+    let driver = tokio::spawn(conn);
+    let req = http::Request::get("http://x/pid.php").body(()).unwrap();
+    let (resp, _) = h2.send_request(req, true).unwrap();
+    let resp = resp.await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let ended = tokio::time::timeout(Duration::from_secs(10), driver).await;
+    assert!(
+        ended.is_ok(),
+        "a connection closing with its bytes untaken stays open"
+    );
+    drop(resp);
+}
+
+#[tokio::test]
 async fn an_http2_stream_given_no_window_is_cut_at_send_timeout() {
     let g = one_place_gate();
     let tcp = tokio::net::TcpStream::connect(g.http).await.unwrap();

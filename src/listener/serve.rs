@@ -136,6 +136,8 @@ pub(super) async fn serve_h2<I: ClientIo>(
     let mut tick = tokio::time::interval(t.h2_tick);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut closing = false;
+    // Ticks spent closing with no request the clock sees in flight.
+    let mut leftover_ticks = 0;
     loop {
         // Shutdown on the tick, as in `serve_h1`.
         tokio::select! {
@@ -153,6 +155,16 @@ pub(super) async fn serve_h2<I: ClientIo>(
                     // worker. The whole connection goes, as with nginx's send_timeout.
                     tracing::debug!("client took no response bytes within send_timeout: closing");
                     return;
+                }
+                if closing && verdict == Verdict::Idle {
+                    // GOAWAY sent and every request answered, yet open: what is left are
+                    // response bytes already handed to h2 that a client giving no window
+                    // never takes. As for HTTP/1, closing lasts at most send_timeout.
+                    leftover_ticks += 1;
+                    if leftover_ticks > t.h2_send_ticks {
+                        tracing::debug!("closing connection took no bytes within send_timeout: dropping");
+                        return;
+                    }
                 }
                 if !closing && (s.shutdown.is_cancelled() || verdict == Verdict::Idle) {
                     closing = true;
