@@ -460,21 +460,7 @@ async fn a_client_that_stops_reading_is_cut_at_send_timeout() {
 async fn an_http2_client_giving_one_byte_of_window_does_not_hold_its_connection() {
     // A small answer goes to h2's send buffer whole and the request counts as done; a
     // client that never opens its window (but answers pings) must still be let go.
-    let g = Gate::start(&format!(
-        r#"
-listen: [ {{ bind: "127.0.0.1:0" }} ]
-limits: {{ send_timeout: 1s, idle_timeout: 1s }}
-pools:
-  main:
-    endpoints: [ {{ addr: "{}" }} ]
-vhosts:
-  - hosts: ["*"]
-    root: {}
-    pool: main
-"#,
-        shared_fpm().endpoint(),
-        php_root().display()
-    ));
+    let g = gate("limits: { send_timeout: 1s, idle_timeout: 1s }", "");
     let tcp = tokio::net::TcpStream::connect(g.http).await.unwrap();
     let (mut h2, conn) = h2::client::Builder::new()
         .initial_window_size(1)
