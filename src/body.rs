@@ -16,7 +16,7 @@ use http_body_util::BodyExt;
 use crate::error::ProxyError;
 
 mod memory;
-pub use memory::{BodyMemory, Lease};
+pub use memory::BodyMemory;
 
 /// A fully received request body.
 #[derive(Debug)]

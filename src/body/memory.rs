@@ -29,6 +29,7 @@ impl BodyMemory {
     }
 
     /// A budget that reports nowhere (tests).
+    #[cfg(test)]
     pub fn unregistered() -> Arc<BodyMemory> {
         let held = IntGauge::new("held", "-").expect("valid gauge");
         let large = IntCounter::new("large", "-").expect("valid counter");
@@ -37,6 +38,7 @@ impl BodyMemory {
     }
 
     /// Bytes of request bodies in memory now.
+    #[cfg(test)]
     pub fn held(&self) -> u64 {
         self.held.get().max(0) as u64
     }
@@ -91,6 +93,7 @@ impl Lease {
     }
 
     /// Bytes this lease holds.
+    #[cfg(test)]
     pub fn bytes(&self) -> usize {
         self.held as usize
     }
