@@ -14,6 +14,7 @@ use tokio::time::Instant;
 
 use crate::body::RequestBody;
 use crate::error::ProxyError;
+use crate::fastcgi::abandon::Running;
 use crate::fastcgi::body::FcgiBody;
 use crate::fastcgi::client::{self, Answer, LogCtx, Outgoing, Source, REQUEST_ID};
 use crate::fastcgi::codec::{self, ParamsWriter};
@@ -109,7 +110,7 @@ pub async fn exchange(
         let ep = Arc::clone(slot.endpoint());
         seen.endpoint = Some(Arc::clone(&ep));
         // A POST is never sent twice, so its kept connection is checked before, not after.
-        let mut conn = match ep.connect(slot, !idempotent).await {
+        let conn = match ep.connect(slot, !idempotent).await {
             Ok(c) => c,
             Err((slot, e)) => {
                 drop(slot);
@@ -137,13 +138,16 @@ pub async fn exchange(
             Some(Err(e)) => return Err(ProxyError::BodySpool(e)),
             None => sent_apart(request_body).map_or(Source::Nothing, Source::Memory),
         };
-        let sent = Instant::now();
+        let sent_at = Instant::now();
         let log = LogCtx {
             request_id: id,
             endpoint: &ep.label,
         };
-        match client::send(
-            &mut conn,
+        // From the first byte written FPM may be running the script: a client that goes
+        // away from here on leaves the place held until the script ends.
+        let mut running = Running::new(conn, admit, cfg.timeouts.read, rid);
+        let sent = client::send(
+            running.conn(),
             Outgoing {
                 wire: wire.clone(),
                 body,
@@ -153,8 +157,10 @@ pub async fn exchange(
             max_header,
             log,
         )
-        .await
-        {
+        .await;
+        let (conn, place) = running.finish();
+        admit = place;
+        match sent {
             Ok(Answer {
                 head,
                 rest,
@@ -162,7 +168,7 @@ pub async fn exchange(
                 tail,
             }) => {
                 let head_at = Instant::now();
-                let header_secs = head_at.saturating_duration_since(sent).as_secs_f64();
+                let header_secs = head_at.saturating_duration_since(sent_at).as_secs_f64();
                 if seen.record {
                     ep.metrics.header_duration.observe(header_secs);
                 }

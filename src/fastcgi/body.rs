@@ -228,8 +228,13 @@ impl http_body::Body for FcgiBody {
         this.write_tail(cx);
         loop {
             if this.overran {
-                // FPM is still sending what nobody may read: close rather than drain.
-                this.conn = None;
+                // FPM is still sending what nobody may read: the body ends here, and the
+                // rest is discarded while the place stays held, as for a client abort.
+                if let Some(conn) = this.conn.take() {
+                    let guards = std::mem::replace(&mut this.guards, Box::new(()));
+                    let rid = std::sync::Arc::clone(&this.request_id);
+                    super::abandon::abandon(conn, guards, this.read_timeout, rid);
+                }
                 return Poll::Ready(None);
             }
             let Some(conn) = this.conn.as_mut() else {

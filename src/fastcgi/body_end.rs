@@ -7,6 +7,7 @@ use tokio::io::AsyncReadExt;
 use tokio::time::Instant;
 
 use super::FcgiBody;
+use crate::fastcgi::abandon::{abandon, Finishing};
 use crate::fastcgi::client::{log_stderr, LogCtx};
 use crate::fastcgi::codec::{self, ProtocolStatus, RecordType};
 use crate::pool::Conn;
@@ -16,15 +17,24 @@ impl Drop for FcgiBody {
         let Some(mut conn) = self.conn.take() else {
             return;
         };
-        // Only a body the client got whole, as declared, is worth finishing: after a client
-        // abort the rest of the script's output is not (the connection closes, as before).
+        let guards = std::mem::replace(&mut self.guards, Box::new(()));
+        let request_id = std::sync::Arc::clone(&self.request_id);
+        // A body the client got whole, as declared, on a connection worth keeping: read
+        // END_REQUEST and keep it. Anything else (a client abort, a 204 with output, a
+        // request FPM stopped taking) leaves FPM busy with the script: its output is
+        // discarded, and the place held, until it ends.
         let whole = self.pending.is_none() && self.declared == Some(self.delivered);
         if !self.reusable || !whole || self.tail.is_some() {
+            abandon(conn, guards, self.read_timeout, request_id);
             return;
         }
         match finish_buffered(&mut conn, &self.request_id) {
-            Finish::Clean => conn.release(),
-            Finish::Broken => {}
+            Finish::Clean => {
+                conn.release();
+                drop(guards);
+            }
+            // More output than declared: the script is still printing.
+            Finish::Broken => abandon(conn, guards, self.read_timeout, request_id),
             Finish::More => {
                 // END_REQUEST is still on its way (FPM sends it when the script ends): read
                 // on in a task of its own, holding the pool place, since the worker is busy
@@ -32,11 +42,10 @@ impl Drop for FcgiBody {
                 let Ok(rt) = tokio::runtime::Handle::try_current() else {
                     return;
                 };
-                let guards = std::mem::replace(&mut self.guards, Box::new(()));
                 rt.spawn(finish_after_body(
                     Finishing { conn, guards },
                     self.read_timeout,
-                    std::sync::Arc::clone(&self.request_id),
+                    request_id,
                 ));
             }
         }
@@ -76,14 +85,6 @@ fn finish_buffered(conn: &mut Conn, request_id: &str) -> Finish {
             Err(_) => return Finish::Broken,
         }
     }
-}
-
-/// A connection read on after its body, and the guards (the pool place) to drop after it:
-/// fields drop in order, so the FPM slot goes before the place however the task ends (a
-/// pool's count of places held on an endpoint, see `Pool::succeeding`, relies on that).
-struct Finishing {
-    conn: Conn,
-    guards: Box<dyn Send + Sync>,
 }
 
 /// Reads a connection on to END_REQUEST, within the read timeout, then keeps it; `guards`

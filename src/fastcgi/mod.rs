@@ -1,6 +1,7 @@
 //! The FastCGI side: record codec, CGI head parser, connections and the client exchange.
 //! Nothing here knows about HTTP clients, vhosts or pools.
 
+pub mod abandon;
 pub mod body;
 pub mod cgi;
 pub mod client;
