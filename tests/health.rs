@@ -413,7 +413,7 @@ async fn drain_and_enable_through_the_admin_api() {
     });
     let (tcp, unix) = (f.endpoint(), f.unix_endpoint());
     let pool = format!(
-        r#"    endpoints: [ {{ addr: "{tcp}" }}, {{ addr: "{unix}" }} ]
+        r#"    endpoints: [ {{ addr: "{tcp}", max_conns: 1 }}, {{ addr: "{unix}", max_conns: 1 }} ]
     balance: round_robin
     health: {{ interval: 200ms, timeout: 1s }}"#
     );
@@ -465,6 +465,12 @@ async fn drain_and_enable_through_the_admin_api() {
         let (code, body) = get_text(&who).await;
         assert_eq!((code, body.as_str()), (200, name_of(other)));
     }
+    // With one place per endpoint, the drained endpoint's request in flight no longer
+    // counts against the other: they did not wait for it.
+    assert!(
+        !slow.is_finished(),
+        "requests waited for the drained endpoint"
+    );
     assert_eq!(
         slow.await.expect("slow request"),
         200,

@@ -387,3 +387,50 @@ async fn a_request_queued_before_a_reload_is_sent_to_the_new_endpoints() {
     old.refresh_capacity();
     assert!(matches!(new.admit().await, Err(ProxyError::NoHealthy)));
 }
+
+fn set_draining(p: &Pool, idx: usize, on: bool) {
+    p.endpoints[idx]
+        .draining
+        .store(on, std::sync::atomic::Ordering::Relaxed);
+    p.refresh_capacity();
+}
+
+#[tokio::test(start_paused = true)]
+async fn places_on_an_unavailable_endpoint_do_not_hold_back_the_others() {
+    let (p, _metrics) = two_endpoints();
+    let on_drained = hold(&p, 0).await;
+    let on_healthy = hold(&p, 1).await;
+    let waiter = queued(&p).await;
+
+    // The first endpoint is drained (as an ejection or a failed check would take it out)
+    // while its request runs: that request no longer counts against the second one.
+    set_draining(&p, 0, true);
+    assert_eq!(p.inflight(), 1);
+    drop(on_healthy);
+    waiter
+        .await
+        .expect("join")
+        .expect("admitted when the healthy endpoint's place came back");
+    assert_eq!(p.inflight(), 0);
+    // The end of the drained endpoint's request is not counted a second time.
+    let held = hold(&p, 1).await;
+    drop(on_drained);
+    assert_eq!(p.inflight(), 1);
+
+    // Back in service, its places in flight count again.
+    let again = {
+        set_draining(&p, 0, false);
+        hold(&p, 0).await
+    };
+    set_draining(&p, 0, true);
+    assert_eq!(p.inflight(), 1, "set aside");
+    set_draining(&p, 0, false);
+    assert_eq!(p.inflight(), 2, "counted again");
+    assert!(matches!(
+        tokio::time::timeout(Duration::from_secs(1), p.admit()).await,
+        Ok(Err(ProxyError::QueueTimeout)) | Err(_)
+    ));
+    drop(again);
+    drop(held);
+    assert_eq!(p.inflight(), 0);
+}

@@ -49,6 +49,11 @@ struct Admission {
     /// (they hold no slot the new endpoints could use), so the request that ends on one
     /// does not count its end again, and one that moves away from it counts again.
     uncounted: Vec<(Arc<Endpoint>, usize)>,
+    /// Endpoints of the newest pool out of the count because they are unavailable (down,
+    /// ejected, drained): their places were set aside in `uncounted` then, as a reload
+    /// that removes an endpoint does, so their slow requests do not hold back the others,
+    /// and counted again when they came back.
+    excluded: Vec<Arc<Endpoint>>,
 }
 
 impl Admission {
@@ -62,6 +67,25 @@ impl Admission {
             self.uncounted.swap_remove(at);
         }
         true
+    }
+
+    /// Takes `held` places on `ep` out of the count.
+    fn set_aside(&mut self, ep: &Arc<Endpoint>, held: usize) {
+        if held == 0 {
+            return;
+        }
+        self.inflight = self.inflight.saturating_sub(held);
+        match self.uncounted.iter_mut().find(|(e, _)| Arc::ptr_eq(e, ep)) {
+            Some((_, n)) => *n += held,
+            None => self.uncounted.push((Arc::clone(ep), held)),
+        }
+    }
+
+    /// Counts `ep`'s places set aside again.
+    fn count_again(&mut self, ep: &Arc<Endpoint>) {
+        if let Some(at) = self.uncounted.iter().position(|(e, _)| Arc::ptr_eq(e, ep)) {
+            self.inflight += self.uncounted.swap_remove(at).1;
+        }
     }
 }
 
@@ -99,6 +123,7 @@ impl Pool {
             owner: 0,
             newest: Weak::new(),
             uncounted: Vec::new(),
+            excluded: Vec::new(),
         }));
         Pool::with_admission(config, endpoints, metrics, admission, &[])
     }
@@ -135,14 +160,13 @@ impl Pool {
             // Under the lock, so no place on a removed endpoint ends between its count
             // here and its entry in `uncounted`.
             for ep in prev_endpoints {
-                let held = ep.busy();
-                if held == 0 || endpoints.iter().any(|e| Arc::ptr_eq(e, ep)) {
+                if endpoints.iter().any(|e| Arc::ptr_eq(e, ep)) {
                     continue;
                 }
-                st.inflight = st.inflight.saturating_sub(held);
-                match st.uncounted.iter_mut().find(|(e, _)| Arc::ptr_eq(e, ep)) {
-                    Some((_, n)) => *n += held,
-                    None => st.uncounted.push((Arc::clone(ep), held)),
+                // One already out of the count (unavailable) was set aside then.
+                match st.excluded.iter().position(|e| Arc::ptr_eq(e, ep)) {
+                    Some(at) => drop(st.excluded.swap_remove(at)),
+                    None => st.set_aside(ep, ep.busy()),
                 }
             }
         }
@@ -188,17 +212,32 @@ impl Pool {
             }
             return;
         }
-        let capacity: usize = self
-            .endpoints
-            .iter()
-            .filter(|e| e.is_available())
-            .map(|e| e.max_conns())
-            .sum();
-        self.metrics.capacity.set(capacity as i64);
         let mut st = self.lock();
         if st.owner != self.id {
             return;
         }
+        // Under the lock, so two refreshes cannot interleave their views. An endpoint
+        // that became unavailable takes its places in flight out of the count; the
+        // requests there finish, but the others need not wait for them.
+        let mut capacity = 0;
+        for ep in &self.endpoints {
+            let excluded = st.excluded.iter().position(|e| Arc::ptr_eq(e, ep));
+            match (ep.is_available(), excluded) {
+                (true, None) => {}
+                (true, Some(at)) => {
+                    st.excluded.swap_remove(at);
+                    st.count_again(ep);
+                }
+                (false, None) => {
+                    st.excluded.push(Arc::clone(ep));
+                    st.set_aside(ep, ep.busy());
+                    continue;
+                }
+                (false, Some(_)) => continue,
+            }
+            capacity += ep.max_conns();
+        }
+        self.metrics.capacity.set(capacity as i64);
         st.capacity = capacity;
         if capacity == 0 {
             st.waiters.clear();
