@@ -80,7 +80,7 @@ async fn reset_http2_streams_never_run_more_scripts_than_max_conns() {
     let spans = tempfile::NamedTempFile::new().unwrap();
     let url = format!("http://x/span.php?ms=700&file={}", spans.path().display());
     let tcp = tokio::net::TcpStream::connect(g.http).await.unwrap();
-    let (mut h2, conn) = h2::client::handshake(tcp).await.unwrap();
+    let (h2, conn) = h2::client::handshake(tcp).await.unwrap();
     tokio::spawn(conn);
     for _ in 0..4 {
         let req = http::Request::get(&url).body(()).unwrap();
