@@ -120,7 +120,8 @@ pub fn build(
             }
         }
         let settings = conn_settings(pc);
-        let endpoints = endpoint_configs
+        let mut fresh = Vec::new();
+        let endpoints: Vec<Arc<Endpoint>> = endpoint_configs
             .iter()
             .map(|ec| {
                 let label = ec.addr.to_string();
@@ -131,18 +132,30 @@ pub fn build(
                         Arc::clone(old)
                     }
                     None => {
-                        let ep = Endpoint::new(ec, settings, metrics.endpoint(&pc.name, &label));
-                        // At boot every endpoint starts up so a restart serves at once; one
-                        // added later (reload, DNS) must first pass `rise` checks, as the
-                        // pool already has endpoints that are known to work.
-                        if prev.is_some() && pc.health.as_ref().is_some_and(|h| h.rise > 0) {
-                            ep.start_unverified();
-                        }
-                        Arc::new(ep)
+                        let ep = Arc::new(Endpoint::new(
+                            ec,
+                            settings,
+                            metrics.endpoint(&pc.name, &label),
+                        ));
+                        fresh.push(Arc::clone(&ep));
+                        ep
                     }
                 }
             })
             .collect();
+        // At boot every endpoint starts up so a restart serves at once. One added later
+        // (reload, DNS) must first pass `rise` checks while the pool has endpoints that
+        // are known to work; when it has none (every endpoint replaced, or all of them
+        // down), the new ones start up as at boot rather than leave the pool without
+        // capacity until their checks pass.
+        let known_good = endpoints
+            .iter()
+            .any(|e| e.is_available() && !fresh.iter().any(|f| Arc::ptr_eq(f, e)));
+        if prev.is_some() && known_good && pc.health.as_ref().is_some_and(|h| h.rise > 0) {
+            for ep in &fresh {
+                ep.start_unverified();
+            }
+        }
         let (pool_config, pool_metrics) = (Arc::new(pc.clone()), metrics.pool(&pc.name));
         pools.push(match old_pools.get(pc.name.as_str()) {
             // Its requests in flight and in the queue carry over to the new definition.

@@ -373,7 +373,7 @@ async fn http2_connections_get_goaway_within_a_short_grace() {
 }
 
 #[tokio::test]
-async fn endpoint_added_by_reload_waits_for_rise_checks() {
+async fn endpoints_added_by_reload_wait_for_rise_checks_unless_none_is_known_good() {
     let (a, b) = (fpm("a", 2), fpm("b", 2));
     let cfg = |endpoints: &str| {
         format!(
@@ -423,6 +423,19 @@ vhosts:
         "came up after {:?}, before 3 checks",
         t.elapsed()
     );
+
+    // A reload that replaces every endpoint leaves none known to work: the new one starts
+    // up, as at boot, instead of the pool having no capacity until its checks pass.
+    let c = fpm("c", 2);
+    g.rewrite_config(&cfg(&format!("{{ addr: \"{}\" }}", c.endpoint())));
+    let reloads = g.count_log("config reloaded");
+    g.signal("HUP");
+    assert!(g.wait_for_log_count("config reloaded", reloads + 1, Duration::from_secs(5)));
+    for _ in 0..10 {
+        let resp = client().get(g.url("/env.php")).send().await.unwrap();
+        assert_eq!(resp.status(), 200, "the replaced pool had no capacity");
+        assert_eq!(resp.text().await.unwrap(), "c");
+    }
 }
 
 #[tokio::test]
