@@ -167,17 +167,25 @@ pub fn build(
     // Endpoints (and pools) that are gone: drain, close idle connections, drop their series.
     if let Some(prev) = prev {
         for pool in &prev.pools {
+            let pool_removed = !config.pools.iter().any(|p| p.name == pool.name());
             for ep in &pool.endpoints {
                 if !kept_endpoints
                     .iter()
                     .any(|(p, l)| p == pool.name() && *l == ep.label)
                 {
-                    ep.draining.store(true, Ordering::Relaxed);
+                    // A pool that is gone takes no new requests (nothing routes to it), but
+                    // the ones already in its queue are still served by its endpoints: a
+                    // drained endpoint would fail them with 503, as when a reload moves a
+                    // vhost to a new PHP version's pool and removes the old one at once.
+                    // Its connections close when its last request is done.
+                    if !pool_removed {
+                        ep.draining.store(true, Ordering::Relaxed);
+                    }
                     ep.reap_idle(true);
                     metrics.forget_endpoint(pool.name(), &ep.label);
                 }
             }
-            if !config.pools.iter().any(|p| p.name == pool.name()) {
+            if pool_removed {
                 for g in [
                     &metrics.pool_inflight,
                     &metrics.pool_capacity,

@@ -292,6 +292,45 @@ async fn a_reload_that_changes_a_busy_pool_keeps_its_queue() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_queued_on_a_pool_a_reload_removes_are_still_served() {
+    // The PHP upgrade: the vhost moves from pool a to pool b and a is removed, in one
+    // reload, while a request waits in a's queue.
+    let (a, b) = (fpm("a", 2), fpm("b", 2));
+    let both = config(&a, &b, "a").replace(
+        &format!("max_conns: 4 }} ]\n  b:"),
+        "max_conns: 1 } ]\n    queue: { size: 8, timeout: 10s }\n  b:",
+    );
+    assert!(both.contains("max_conns: 1"), "{both}");
+    let g = Gate::start(&both);
+    let c = client();
+    let slow = tokio::spawn(c.get(g.url("/sleep.php?ms=1500")).send());
+    let inflight = "fpmgate_pool_inflight_requests{pool=\"a\"}";
+    wait_metric(&g, inflight, Duration::from_secs(5), |v| v == 1.0).await;
+    let queued = tokio::spawn(c.get(g.url("/env.php")).send());
+    let depth = "fpmgate_pool_queue_depth{pool=\"a\"}";
+    let waiting = wait_metric(&g, depth, Duration::from_secs(5), |v| v == 1.0).await;
+    assert_eq!(waiting, 1.0);
+
+    let only_b = config(&a, &b, "b");
+    let pool_a = only_b.find("  a:").unwrap();
+    let pool_b = only_b.find("  b:").unwrap();
+    g.rewrite_config(&format!("{}{}", &only_b[..pool_a], &only_b[pool_b..]));
+    let generation = "fpmgate_config_generation";
+    let applied = wait_metric(&g, generation, Duration::from_secs(5), |v| v >= 2.0).await;
+    assert!(applied >= 2.0, "reload not applied: {:?}", g.logs());
+
+    let resp = queued.await.unwrap().expect("the queued request completes");
+    assert_eq!(resp.status(), 200, "the queued request was failed");
+    assert_eq!(
+        resp.text().await.unwrap(),
+        "a",
+        "served where it was queued"
+    );
+    assert_eq!(slow.await.unwrap().expect("slow").status(), 200);
+    assert_eq!(which_pool(&g).await, "b");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_grace_changed_by_reload_bounds_the_drain() {
     let (a, b) = (fpm("a", 2), fpm("b", 1));
     let cfg = config(&a, &b, "a").replace("shutdown_grace: 10s", "shutdown_grace: 60s");
