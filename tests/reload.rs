@@ -297,7 +297,7 @@ async fn requests_queued_on_a_pool_a_reload_removes_are_still_served() {
     // reload, while a request waits in a's queue.
     let (a, b) = (fpm("a", 2), fpm("b", 2));
     let both = config(&a, &b, "a").replace(
-        &format!("max_conns: 4 }} ]\n  b:"),
+        "max_conns: 4 } ]\n  b:",
         "max_conns: 1 } ]\n    queue: { size: 8, timeout: 10s }\n  b:",
     );
     assert!(both.contains("max_conns: 1"), "{both}");
