@@ -136,6 +136,7 @@ pools:
     retries: 1                         # only where FPM cannot have run the script (see Errors)
     health:
       ping: /ping                      # FastCGI request to FPM's ping.path, expects ping.response "pong"
+      addr_port: 9001                  # optional (TCP endpoints): ping FPM's pm.status_listen port instead
       interval: 2s
       timeout: 1s
       rise: 2
@@ -223,7 +224,10 @@ fn spec_example_compiles() {
         (health.ping.as_str(), health.expect.as_str()),
         ("/ping", "pong")
     );
-    assert_eq!((health.rise, health.fall, health.addr_port), (2, 3, None));
+    assert_eq!(
+        (health.rise, health.fall, health.addr_port),
+        (2, 3, Some(9001))
+    );
     assert_eq!(php82.passive.eject, Duration::from_secs(30));
     assert_eq!(php82.status.as_deref(), Some("/fpm-status"));
     assert_eq!(

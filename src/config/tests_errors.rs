@@ -305,6 +305,23 @@ fn health_and_timeout_rules() {
         "addr_port",
         "TCP endpoints only",
     );
+    // Beside a TCP endpoint it applies to that one; the unix one is pinged on its socket
+    // (the spec's own example).
+    let mixed = MINIMAL.replace(
+        "127.0.0.1:9000 }",
+        "127.0.0.1:9000 }\n      - { addr: 'unix:/run/fpm.sock' }",
+    );
+    let mixed = mixed.replace(
+        "    endpoints:",
+        "    health: { addr_port: 9001 }\n    endpoints:",
+    );
+    let c = Scratch::new()
+        .parse(&mixed)
+        .expect("addr_port beside a TCP endpoint");
+    assert_eq!(
+        c.pools[0].health.as_ref().and_then(|h| h.addr_port),
+        Some(9001)
+    );
 }
 
 #[test]

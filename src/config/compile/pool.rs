@@ -227,13 +227,16 @@ fn compile_health(
                 "addr_port must be a port number from 1 to 65535",
             );
         }
-        // A separate status port only makes sense on a host: a unix socket has no port.
-        if let Some(e) = endpoints
-            .iter()
-            .find(|e| matches!(e.addr, EndpointAddr::Unix(_)))
-        {
+        // A separate status port only makes sense on a host: a unix socket has no port, so
+        // unix endpoints are pinged on their socket. A pool with no TCP endpoint at all
+        // has nothing the setting could apply to.
+        if let Some(e) = endpoints.first().filter(|_| {
+            endpoints
+                .iter()
+                .all(|e| matches!(e.addr, EndpointAddr::Unix(_)))
+        }) {
             let message = format!(
-                "addr_port applies to TCP endpoints only, but `{}` is a unix socket",
+                "addr_port applies to TCP endpoints only, and this pool has none (`{}` is a unix socket)",
                 e.addr
             );
             cx.err(&path("addr_port"), loc(port), message);
