@@ -238,18 +238,19 @@ pub async fn exchange(
             Err(f) => {
                 let reused = conn.reused;
                 drop(conn);
-                metrics
-                    .upstream_errors
-                    .with_label_values(&[pool.name(), &ep.label, f.error.cause()])
-                    .inc();
                 let before_response = !f.any_byte && f.closed;
                 // Only where the script cannot have run twice: a POST could have been read by
-                // a worker that then died (killed, crashed) before its first byte.
+                // a worker that then died (killed, crashed) before its first byte. Not an
+                // error of the endpoint: FPM recycling workers (`pm.max_requests`) does this.
                 if before_response && reused && idempotent && stale_left > 0 {
                     stale_left -= 1;
                     tracing::debug!(request_id = id, endpoint = %ep.label, "kept connection was stale; retrying");
                     continue;
                 }
+                metrics
+                    .upstream_errors
+                    .with_label_values(&[pool.name(), &ep.label, f.error.cause()])
+                    .inc();
                 // Passive health: resets before any response byte, protocol errors and read
                 // timeouts count against the endpoint (a stale kept connection does not).
                 if matches!(

@@ -636,6 +636,10 @@ async fn recycled_fpm_workers_cause_no_client_error() {
         assert_eq!(resp.status(), 200, "request {i}");
         resp.bytes().await.unwrap();
     }
+    // Ordinary recycling is not an upstream error on the dashboards.
+    let metrics = g.metrics().await;
+    let errors = metric_value(&metrics, "fpmgate_upstream_errors_total{");
+    assert_eq!(errors, 0.0, "recycled workers counted as errors");
 }
 
 pub fn metric_value(text: &str, prefix: &str) -> f64 {
