@@ -235,6 +235,9 @@ async fn silent_fpm_is_504_read_timeout() {
     for _ in 0..3 {
         assert_eq!(get_status(&g, "/sleep.php?ms=1500").await, 504);
     }
+    // A slow script is not a broken endpoint: three read timeouts in a row (the passive
+    // default) do not eject the pool's only endpoint.
+    assert_eq!(get_status(&g, "/index.php").await, 200);
     // A request large enough to be written beside the read (all of it fits in the socket
     // buffers): the read timeout runs from its end.
     let g = gate(

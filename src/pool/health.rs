@@ -263,7 +263,7 @@ impl Pool {
     }
 
     /// A request on `ep` failed in a way that blames the endpoint (connect failure, reset
-    /// before any response byte, protocol error, read timeout). May eject it.
+    /// before any response byte, protocol error). May eject it.
     pub fn passive_failure(&self, ep: &Endpoint) {
         let pc = &self.config.passive;
         if pc.fails == 0 || ep.is_ejected() {
