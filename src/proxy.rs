@@ -65,6 +65,9 @@ pub struct Proxy {
     pub metrics: Arc<Metrics>,
     /// Request bodies held in memory, by every connection together.
     pub body_memory: Arc<BodyMemory>,
+    /// Per-request metrics are recorded: there is an admin listener to scrape them. Fixed
+    /// at start, as the listener is (a reload does not add or remove it).
+    record: bool,
     next_id: AtomicU64,
 }
 
@@ -86,10 +89,12 @@ impl Proxy {
             .map(|d| d.as_micros() as u64)
             .unwrap_or(0);
         let body_memory = Arc::new(metrics.body_memory());
+        let record = shared.load().config.admin.is_some();
         Proxy {
             shared,
             metrics,
             body_memory,
+            record,
             next_id: AtomicU64::new(seed << 12),
         }
     }
@@ -161,7 +166,7 @@ impl Proxy {
         let status = resp.status();
         // Without an admin listener nobody can scrape: skip the per-request series (the
         // gauges that guards move, and the error counters, stay).
-        let record = rt.config.admin.is_some();
+        let record = self.record;
         match &route_metrics {
             _ if !record => {}
             Some(m) => m.requests.inc(status),
@@ -242,7 +247,7 @@ impl Proxy {
         trace.vhost = vhost.label.as_str();
         trace.pool = pool.name();
         trace.route = Some((vi, pi));
-        trace.upstream.record = rt.config.admin.is_some();
+        trace.upstream.record = self.record;
 
         let local_check = vhost
             .static_dir

@@ -554,3 +554,53 @@ async fn admin_post_reload_applies_or_rejects() {
         "the running config keeps serving"
     );
 }
+
+#[tokio::test]
+async fn a_reload_rotates_the_admin_token_and_removing_admin_locks_nothing_open() {
+    let (a, b) = (fpm("a", 2), fpm("b", 1));
+    let with_token = |t: &str| {
+        config(&a, &b, "a").replace(
+            "admin: { bind: \"127.0.0.1:0\" }",
+            &format!("admin: {{ bind: \"127.0.0.1:0\", token: \"{t}\" }}"),
+        )
+    };
+    let g = Gate::start(&with_token("one"));
+    let post = |token: &'static str| {
+        let r = client().post(g.admin_url("/reload"));
+        let r = if token.is_empty() {
+            r
+        } else {
+            r.bearer_auth(token)
+        };
+        async move { r.send().await.unwrap().status().as_u16() }
+    };
+    let served = "fpmgate_http_requests_total{";
+
+    let generation = "fpmgate_config_generation";
+    let applied = |n: f64| wait_metric(&g, generation, Duration::from_secs(5), move |v| v >= n);
+
+    // The token follows reloads (the file watcher applies the change): it can be rotated
+    // without a restart.
+    g.rewrite_config(&with_token("two"));
+    assert!(applied(2.0).await >= 2.0, "{:?}", g.logs());
+    assert_eq!(post("one").await, 401, "the old token still works");
+    assert_eq!(post("two").await, 200);
+
+    // Without `admin:` the listener runs on until a restart: with the token it started
+    // with, not open to anyone, and the request metrics it serves go on counting.
+    let none = config(&a, &b, "a").replace("admin: { bind: \"127.0.0.1:0\" }\n", "");
+    assert!(!none.contains("admin"), "{none}");
+    let now = metric(&g, generation).await;
+    g.rewrite_config(&none);
+    assert!(applied(now + 1.0).await > now, "{:?}", g.logs());
+    assert_eq!(post("").await, 401, "POSTs open to anyone");
+    assert_eq!(post("two").await, 401);
+    assert_eq!(post("one").await, 200);
+    let before = metric(&g, served).await;
+    assert_eq!(which_pool(&g).await, "a");
+    assert_eq!(
+        metric(&g, served).await,
+        before + 1.0,
+        "requests not counted"
+    );
+}
