@@ -27,6 +27,10 @@ struct Shape {
 
 struct Running {
     shape: Shape,
+    /// A second handle on the listening socket: a change of shape starts the new accept
+    /// loop on it, so the socket (its port, and connections waiting in its backlog) never
+    /// closes in between. None if the handle could not be made (out of descriptors).
+    socket: Option<socket2::Socket>,
     resolver: Option<Arc<SniResolver>>,
     stop: CancellationToken,
     _task: JoinHandle<()>,
@@ -34,8 +38,8 @@ struct Running {
 
 /// A bound-but-not-started listener, or new certificates for a running one.
 enum Step {
-    /// `sock` is None when the address is ours already (its shape changed): it is bound in
-    /// commit, right after the old listener stops.
+    /// `sock` is the running listener's own socket when only its shape changed; None when
+    /// that could not be had: it is bound again in commit, after the old listener stops.
     Start {
         key: Key,
         cfg: ListenerConfig,
@@ -119,11 +123,16 @@ impl ListenerSet {
                 }
                 other => {
                     if other.is_some() {
-                        // Same address, new shape: stop the old one first, then bind again.
+                        // Same address, new shape: the old loop stops, and the new one
+                        // takes over its socket (bound again only if that fails).
                         steps.push(Step::Stop { key: *key });
                     }
                     let sock = match other {
-                        Some(_) => None,
+                        Some(r) => r
+                            .socket
+                            .as_ref()
+                            .and_then(|s| s.try_clone().ok())
+                            .and_then(|s| TcpListener::from_std(s.into()).ok()),
                         None => Some(
                             listener::bind(l.bind)
                                 .map_err(|e| format!("binding {}: {e}", l.bind))?,
@@ -186,6 +195,7 @@ impl ListenerSet {
 
     fn start(&self, cfg: &ListenerConfig, sock: TcpListener, set: Option<CertSet>) -> Running {
         let addr = sock.local_addr().unwrap_or(cfg.bind);
+        let socket = socket2::SockRef::from(&sock).try_clone().ok();
         let resolver = set.map(|set| {
             for line in &set.summary {
                 tracing::info!(listener = %addr, "certificate {line}");
@@ -207,6 +217,7 @@ impl ListenerSet {
         ));
         Running {
             shape: shape(cfg),
+            socket,
             resolver,
             stop,
             _task: task,

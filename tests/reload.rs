@@ -531,6 +531,35 @@ async fn listeners_are_added_and_removed_by_reload() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(which_pool(&g).await, "a");
+
+    // A listener whose shape changes (PROXY protocol on) keeps its socket: the same port,
+    // even one the kernel chose, now wants the PROXY header.
+    let reloads = g.count_log("config reloaded");
+    g.rewrite_config(&base.replace(
+        "listen: [ { bind: \"127.0.0.1:0\" } ]",
+        "listen: [ { bind: \"127.0.0.1:0\", proxy_protocol: true } ]",
+    ));
+    g.signal("HUP");
+    assert!(g.wait_for_log_count("config reloaded", reloads + 1, Duration::from_secs(5)));
+    let answer = tokio::task::spawn_blocking({
+        let addr = g.http;
+        move || {
+            use std::io::{Read, Write};
+            let mut s = std::net::TcpStream::connect(addr)?;
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            s.write_all(
+                b"PROXY TCP4 192.0.2.7 127.0.0.1 4000 80\r\nGET /env.php HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            )?;
+            let mut out = String::new();
+            s.read_to_string(&mut out)?;
+            std::io::Result::Ok(out)
+        }
+    })
+    .await
+    .unwrap()
+    .expect("the listener's port closed when its shape changed");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.ends_with("a"), "{answer}");
 }
 
 #[tokio::test]
