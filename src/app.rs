@@ -23,31 +23,26 @@ use crate::reload::{unix_now, Reloader};
 use crate::runtime::{self, Shared};
 use crate::tls;
 
-/// Loads the config or returns the formatted list of every error in it.
+/// Loads the config or returns the formatted list of every error in it. Certificates are
+/// checked as part of it (readable, parseable, each key matching its certificate), so
+/// their errors come with the others, at their lines.
 pub fn load_config(path: &Path) -> Result<Config, String> {
-    let cfg = config::load(path).map_err(|errs| config::format_errors(path, &errs))?;
-    // Certificates are checked as part of the config: readable, parseable, not expired,
-    // and each key matching its certificate.
-    let mut errors = Vec::new();
-    for (i, l) in cfg.listeners.iter().enumerate() {
-        if let Err(errs) = tls::CertSet::load(&l.tls) {
-            if l.tls.is_empty() {
-                continue;
-            }
-            for e in errs {
-                errors.push(config::ConfigError {
-                    path: format!("listen[{i}].tls[{}]", e.index),
-                    location: None,
-                    message: e.message,
-                });
+    config::load_checking(path, Some(tls::check_pair))
+        .map_err(|errs| config::format_errors(path, &errs))
+}
+
+/// Warnings about a valid config: certificates past their validity (served all the same;
+/// see [`tls::CertSet::load`]).
+pub fn config_warnings(cfg: &Config) -> Vec<String> {
+    let mut out = Vec::new();
+    for l in &cfg.listeners {
+        if let Ok(set) = tls::CertSet::load(&l.tls) {
+            for line in set.expired() {
+                out.push(format!("listener {}: certificate {line}", l.bind));
             }
         }
     }
-    if errors.is_empty() {
-        Ok(cfg)
-    } else {
-        Err(config::format_errors(path, &errors))
-    }
+    out
 }
 
 /// Runs the proxy until SIGTERM/SIGINT. Builds its own tokio runtime with `workers` threads.

@@ -32,6 +32,8 @@ struct Running {
     /// closes in between. None if the handle could not be made (out of descriptors).
     socket: Option<socket2::Socket>,
     resolver: Option<Arc<SniResolver>>,
+    /// The `certificate` labels of its expiry series.
+    certs: Vec<String>,
     stop: CancellationToken,
     _task: JoinHandle<()>,
 }
@@ -162,13 +164,18 @@ impl ListenerSet {
             match step {
                 Step::Stop { key } => {
                     if let Some(r) = running.remove(&key) {
+                        self.publish_expiry(key.0, &r.certs, None);
                         r.stop.cancel();
                         tracing::info!(bind = %key.0, "listener stopped");
                     }
                 }
                 Step::Swap { key, set } => {
-                    if let Some(r) = running.get(&key) {
+                    if let Some(r) = running.get_mut(&key) {
                         if let Some(res) = &r.resolver {
+                            for line in set.expired() {
+                                tracing::warn!(listener = %key.0, "certificate {line}: serving it anyway");
+                            }
+                            r.certs = self.publish_expiry(key.0, &r.certs, Some(&set));
                             res.swap(set);
                         }
                     }
@@ -196,9 +203,15 @@ impl ListenerSet {
     fn start(&self, cfg: &ListenerConfig, sock: TcpListener, set: Option<CertSet>) -> Running {
         let addr = sock.local_addr().unwrap_or(cfg.bind);
         let socket = socket2::SockRef::from(&sock).try_clone().ok();
+        let certs = self.publish_expiry(cfg.bind, &[], set.as_ref());
         let resolver = set.map(|set| {
+            let expired = set.expired();
             for line in &set.summary {
-                tracing::info!(listener = %addr, "certificate {line}");
+                if expired.contains(line) {
+                    tracing::warn!(listener = %addr, "certificate {line}: serving it anyway");
+                } else {
+                    tracing::info!(listener = %addr, "certificate {line}");
+                }
             }
             Arc::new(SniResolver::new(set))
         });
@@ -219,9 +232,34 @@ impl ListenerSet {
             shape: shape(cfg),
             socket,
             resolver,
+            certs,
             stop,
             _task: task,
         }
+    }
+}
+
+impl ListenerSet {
+    /// Replaces a listener's certificate expiry series (`old` labels) by those of `set`;
+    /// returns the new labels.
+    fn publish_expiry(
+        &self,
+        bind: SocketAddr,
+        old: &[String],
+        set: Option<&CertSet>,
+    ) -> Vec<String> {
+        let family = &self.serve.metrics.tls_certificate_expiry;
+        let bind = bind.to_string();
+        for cert in old {
+            let _ = family.remove_label_values(&[&bind, cert]);
+        }
+        let Some(set) = set else {
+            return Vec::new();
+        };
+        for (cert, at) in &set.expiry {
+            family.with_label_values(&[&bind, cert]).set(*at);
+        }
+        set.expiry.iter().map(|(c, _)| c.clone()).collect()
     }
 }
 

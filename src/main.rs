@@ -49,6 +49,9 @@ fn main() {
     let code = match (cli.command, cli.config) {
         (Some(Command::Check { config }), _) => match fpmgate::app::load_config(&config) {
             Ok(cfg) => {
+                for w in fpmgate::app::config_warnings(&cfg) {
+                    eprintln!("{}: warning: {w}", config.display());
+                }
                 println!("{}: {}", config.display(), cfg.summary());
                 0
             }

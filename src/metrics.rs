@@ -30,6 +30,8 @@ pub struct Metrics {
     pub client_connections: IntGaugeVec,
     /// Client connections closed before any request, by listener kind and cause.
     pub client_refused: IntCounterVec,
+    /// `fpmgate_tls_certificate_expiry_timestamp_seconds{bind,certificate}`.
+    pub tls_certificate_expiry: IntGaugeVec,
     /// FastCGI requests by endpoint and status FPM returned.
     pub upstream_requests: IntCounterVec,
     /// Time from sending the request to the end of FPM's response head.
@@ -197,6 +199,12 @@ impl Metrics {
                 "fpmgate_client_connections_refused_total",
                 "Client connections closed before any request, by cause.",
                 &["listener", "cause"],
+            ),
+            tls_certificate_expiry: gauge(
+                &r,
+                "fpmgate_tls_certificate_expiry_timestamp_seconds",
+                "End of the validity of each certificate served, in Unix seconds, by listener address and certificate file.",
+                &["bind", "certificate"],
             ),
             upstream_requests: counter(
                 &r,

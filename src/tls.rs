@@ -27,6 +27,9 @@ pub struct CertSet {
     default: Arc<CertifiedKey>,
     /// Per certificate: its names and expiry, for logs.
     pub summary: Vec<String>,
+    /// Per certificate: its file and the end of its validity (Unix seconds), for the
+    /// expiry metric.
+    pub expiry: Vec<(String, i64)>,
 }
 
 /// A certificate that failed to load, with the config entry it came from.
@@ -43,7 +46,20 @@ pub fn install_provider() {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
 }
 
-fn load_one(c: &TlsCertConfig) -> Result<(Arc<CertifiedKey>, Vec<String>, String), String> {
+/// What loading one certificate gives: the key pair, its names, and its `notAfter`.
+struct Loaded {
+    key: Arc<CertifiedKey>,
+    names: Vec<String>,
+    not_after: x509_parser::time::ASN1Time,
+}
+
+/// Checks one certificate/key pair as a load would: readable, parseable, and matching.
+/// Expiry is not an error (see [`CertSet::load`]).
+pub fn check_pair(c: &TlsCertConfig) -> Result<(), String> {
+    load_one(c).map(|_| ())
+}
+
+fn load_one(c: &TlsCertConfig) -> Result<Loaded, String> {
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&c.cert)
         .map_err(|e| format!("cannot read certificate {}: {e}", c.cert.display()))?
         .collect::<Result<_, _>>()
@@ -72,13 +88,6 @@ fn load_one(c: &TlsCertConfig) -> Result<(Arc<CertifiedKey>, Vec<String>, String
         }
     }
     let not_after = parsed.validity().not_after;
-    if not_after.timestamp() < now_unix() {
-        return Err(format!(
-            "certificate {} expired on {}",
-            c.cert.display(),
-            not_after
-        ));
-    }
     let provider = rustls::crypto::aws_lc_rs::default_provider();
     let ck = CertifiedKey::from_der(certs, key, &provider).map_err(|e| {
         format!(
@@ -87,7 +96,11 @@ fn load_one(c: &TlsCertConfig) -> Result<(Arc<CertifiedKey>, Vec<String>, String
             c.key.display()
         )
     })?;
-    Ok((Arc::new(ck), names, not_after.to_string()))
+    Ok(Loaded {
+        key: Arc::new(ck),
+        names,
+        not_after,
+    })
 }
 
 fn now_unix() -> i64 {
@@ -98,21 +111,36 @@ fn now_unix() -> i64 {
 }
 
 impl CertSet {
-    /// Loads and checks every certificate of a listener; reports every failure.
+    /// Loads and checks every certificate of a listener; reports every failure. An
+    /// expired certificate is loaded all the same (and flagged in `summary`): refusing it
+    /// would make one lapsed name block every reload and every restart, taking all the
+    /// other names down with it, where serving it costs that one name a browser warning.
+    /// `fpmgate_tls_certificate_expiry_timestamp_seconds` is there to alert on before.
     pub fn load(certs: &[TlsCertConfig]) -> Result<CertSet, Vec<CertError>> {
         let mut exact = HashMap::new();
         let mut wildcard = HashMap::new();
         let mut default = None;
         let mut errors = Vec::new();
         let mut summary = Vec::new();
+        let mut expiry = Vec::new();
         for (index, c) in certs.iter().enumerate() {
             match load_one(c) {
-                Ok((ck, names, expires)) => {
+                Ok(Loaded {
+                    key: ck,
+                    names,
+                    not_after,
+                }) => {
+                    let expired = if not_after.timestamp() < now_unix() {
+                        "EXPIRED, "
+                    } else {
+                        ""
+                    };
                     summary.push(format!(
-                        "{} [{}] expires {expires}",
+                        "{} [{}] {expired}expires {not_after}",
                         display(&c.cert),
                         names.join(", ")
                     ));
+                    expiry.push((display(&c.cert), not_after.timestamp()));
                     for n in names {
                         // The first certificate that names a host wins, as in config order.
                         match n.strip_prefix("*.") {
@@ -133,6 +161,7 @@ impl CertSet {
                 wildcard,
                 default,
                 summary,
+                expiry,
             }),
             _ => Err(errors),
         }
@@ -158,6 +187,19 @@ impl CertSet {
 
 fn display(p: &Path) -> String {
     p.display().to_string()
+}
+
+impl CertSet {
+    /// The certificates whose validity has ended, as `file expired on date` lines.
+    pub fn expired(&self) -> Vec<String> {
+        let now = now_unix();
+        self.summary
+            .iter()
+            .zip(&self.expiry)
+            .filter(|(_, (_, at))| *at < now)
+            .map(|(line, _)| line.clone())
+            .collect()
+    }
 }
 
 /// The SNI resolver of one listener; its certificate set can be replaced at any time.

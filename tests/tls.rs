@@ -380,10 +380,76 @@ fn check_reports_key_mismatch_and_missing_files() {
         .replace("a.key", &dir.path().join("a.key").display().to_string())
         .replace("b.crt", &dir.path().join("b.crt").display().to_string())
         .replace("b.key", &dir.path().join("b.key").display().to_string());
+    // A mistake elsewhere in the file is reported with the certificate's, each at its line.
+    let yaml = yaml.replace("    pool: main\n", "    pool: nope\n");
     let (code, _out, err) = run_check(&yaml);
     assert_eq!(code, 1, "{err}");
+    let line_of = |needle: &str| yaml[..yaml.find(needle).unwrap()].matches('\n').count() + 1;
+    let cert_line = format!("fpmgate.yaml:{}:", line_of("b.crt"));
+    let pool_line = format!("fpmgate.yaml:{}:", line_of("pool: nope"));
     assert!(
-        err.contains("listen[1].tls[1]") && err.contains("do not match"),
+        err.lines().any(|l| l.contains(&cert_line)
+            && l.contains("listen[1].tls[1]")
+            && l.contains("do not match")),
         "{err}"
+    );
+    assert!(
+        err.lines()
+            .any(|l| l.contains(&pool_line) && l.contains("nope")),
+        "{err}"
+    );
+    assert!(err.contains("2 errors"), "{err}");
+}
+
+#[tokio::test]
+async fn an_expired_certificate_is_served_with_a_warning_and_its_expiry_exported() {
+    // Expired on 2021-01-01: a hard error would take every other name down with it, at
+    // the next reload or restart.
+    let mut params = rcgen::CertificateParams::new(vec!["old.test".to_string()]).unwrap();
+    params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+    params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    let old = Cert {
+        pem: cert.pem(),
+        key: key.serialize_pem(),
+        der: cert.der().to_vec(),
+    };
+    let b = make_cert(&["b.test"]);
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "a", &old);
+    write(dir.path(), "b", &b);
+    let yaml = tls_config(&shared_fpm().endpoint())
+        .replace("a.crt", &dir.path().join("a.crt").display().to_string())
+        .replace("a.key", &dir.path().join("a.key").display().to_string())
+        .replace("b.crt", &dir.path().join("b.crt").display().to_string())
+        .replace("b.key", &dir.path().join("b.key").display().to_string());
+    let (code, out, err) = run_check(&yaml);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("ok:"), "{out}");
+    assert!(
+        err.contains("warning:") && err.contains("a.crt") && err.contains("EXPIRED"),
+        "{err}"
+    );
+
+    let g = Gate::start(&yaml);
+    assert!(g.wait_for_log("serving it anyway", Duration::from_secs(5)));
+    let https = g.https.unwrap();
+    assert_eq!(handshake(https, Some("old.test")).await.0, old.der);
+    assert_eq!(handshake(https, Some("b.test")).await.0, b.der);
+    let metrics = g.metrics().await;
+    let expiry = |file: &str| {
+        metrics
+            .lines()
+            .find(|l| {
+                l.starts_with("fpmgate_tls_certificate_expiry_timestamp_seconds{")
+                    && l.contains(&format!("{file}\""))
+            })
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+    };
+    assert_eq!(expiry("a.crt"), Some(1_609_459_200.0), "{metrics}");
+    assert!(
+        expiry("b.crt").is_some_and(|t| t > 1_609_459_200.0),
+        "{metrics}"
     );
 }

@@ -19,8 +19,16 @@ mod dns;
 mod pool;
 mod vhost;
 
+/// Checks a certificate/key pair beyond being readable files (the TLS layer's own rules),
+/// so its errors come with the others, at the entry's line.
+pub type CertCheck = fn(&TlsCertConfig) -> Result<(), String>;
+
 /// Builds the runtime config from the schema, or returns every error found.
-pub fn compile(spec: ConfigSpec, path: &Path) -> Result<Config, Vec<ConfigError>> {
+pub fn compile(
+    spec: ConfigSpec,
+    path: &Path,
+    certs: Option<CertCheck>,
+) -> Result<Config, Vec<ConfigError>> {
     let base = match path.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
         _ => PathBuf::from("."),
@@ -28,6 +36,7 @@ pub fn compile(spec: ConfigSpec, path: &Path) -> Result<Config, Vec<ConfigError>
     let mut cx = Ctx {
         errors: Vec::new(),
         base,
+        certs,
     };
 
     let listeners = cx.listeners(spec.listen.unwrap_or_default());
@@ -150,6 +159,7 @@ pub(super) fn loc<T>(s: &Spanned<T>) -> Option<Pos> {
 pub(super) struct Ctx {
     pub(super) errors: Vec<ConfigError>,
     base: PathBuf,
+    certs: Option<CertCheck>,
 }
 
 /// The smallest `limits.max_header_bytes`: hyper's HTTP/1 minimum read buffer.
@@ -278,7 +288,11 @@ impl Ctx {
                     c.and_then(|c| self.readable_file(&c, &format!("{cp}.cert"), "certificate"));
                 let k = k.and_then(|k| self.readable_file(&k, &format!("{cp}.key"), "key"));
                 if let (Some(cert), Some(key)) = (c, k) {
-                    tls.push(TlsCertConfig { cert, key });
+                    let pair = TlsCertConfig { cert, key };
+                    match self.certs.map_or(Ok(()), |check| check(&pair)) {
+                        Ok(()) => tls.push(pair),
+                        Err(e) => self.err(&format!("{cp}.cert"), None, e),
+                    }
                 }
             }
             let bind_path = format!("{p}.bind");

@@ -26,6 +26,7 @@ use std::fmt;
 use std::io::Read as _;
 use std::path::Path;
 
+pub use compile::CertCheck;
 pub use error::ConfigError;
 pub use types::DnsConfig;
 pub use types::{
@@ -46,6 +47,12 @@ const MAX_SCHEMA_ERRORS: usize = 32;
 
 /// Reads, parses and validates the config file at `path`.
 pub fn load(path: &Path) -> Result<Config, Vec<ConfigError>> {
+    load_checking(path, None)
+}
+
+/// [`load`], with each TLS certificate/key pair also put through `certs`: its errors are
+/// reported with the others, at the entry's line.
+pub fn load_checking(path: &Path, certs: Option<CertCheck>) -> Result<Config, Vec<ConfigError>> {
     let unreadable = |e: &dyn fmt::Display| {
         vec![ConfigError::new(
             "",
@@ -62,12 +69,20 @@ pub fn load(path: &Path) -> Result<Config, Vec<ConfigError>> {
         return Err(unreadable(&"file is larger than 4 MiB"));
     }
     let text = String::from_utf8(bytes).map_err(|_| unreadable(&"not valid UTF-8"))?;
-    parse_str(&text, path)
+    parse_checking(&text, path, certs)
 }
 
 /// Parses and validates config `text`; `path` is used to resolve relative paths (against
 /// its directory) and is recorded in [`Config::path`].
 pub fn parse_str(text: &str, path: &Path) -> Result<Config, Vec<ConfigError>> {
+    parse_checking(text, path, None)
+}
+
+fn parse_checking(
+    text: &str,
+    path: &Path,
+    certs: Option<CertCheck>,
+) -> Result<Config, Vec<ConfigError>> {
     if text.len() > MAX_CONFIG_BYTES {
         return Err(vec![ConfigError::new("", "config is larger than 4 MiB")]);
     }
@@ -76,7 +91,7 @@ pub fn parse_str(text: &str, path: &Path) -> Result<Config, Vec<ConfigError>> {
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let parsed = parse_yaml(text)?;
     let mut errors = parsed.errors;
-    match compile::compile(parsed.spec, path) {
+    match compile::compile(parsed.spec, path, certs) {
         Ok(config) if errors.is_empty() => return Ok(config),
         Ok(_) => {}
         // Keys that were blanked out after a schema error are absent to `compile`; drop
