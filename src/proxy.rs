@@ -99,6 +99,51 @@ impl Proxy {
         }
     }
 
+    /// Accounts for a request head that hyper's HTTP/1 parser refused and answered itself
+    /// (431 for a head over `limits.max_header_bytes` or with more than 100 fields, 400 for
+    /// one that does not parse), which never reaches [`Proxy::handle`]: counted under
+    /// vhost and pool `-`, as other requests refused before routing are, and logged.
+    pub fn refused_head(&self, conn: &ConnInfo, too_large: bool) {
+        let (status, cause) = if too_large {
+            (
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "header_too_large",
+            )
+        } else {
+            (StatusCode::BAD_REQUEST, "bad_request")
+        };
+        if self.record {
+            self.metrics
+                .http_requests
+                .with_label_values(&["-", "-", status.as_str()])
+                .inc();
+        }
+        let rt = self.shared.load();
+        if rt.config.access_log == AccessLogFormat::Off {
+            return;
+        }
+        let hex = hex_id(self.next_id.fetch_add(1, Ordering::Relaxed));
+        let record = AccessRecord {
+            format: rt.config.access_log,
+            request_id: Arc::from(std::str::from_utf8(&hex).unwrap_or("0")),
+            client: conn.remote.ip(),
+            // Nothing of the request line is known for sure: `-`, as nginx logs it.
+            method: Method::from_bytes(b"-").unwrap_or(Method::GET),
+            uri: "-".to_string(),
+            protocol: "HTTP/1.1",
+            host: String::new(),
+            referer: None,
+            user_agent: None,
+            vhost: "-".to_string(),
+            pool: "-".to_string(),
+            endpoint: None,
+            status: status.as_u16(),
+            upstream_secs: None,
+            cause: Some(cause),
+        };
+        drop(Completion::new(Instant::now(), None, Some(record)));
+    }
+
     /// Serves one request. Never fails at the hyper level: errors become responses.
     pub async fn handle<B>(
         self: Arc<Self>,
@@ -370,15 +415,21 @@ fn request_id<B>(req: &mut Request<B>, trusted: bool, n: u64) -> Arc<str> {
             }
         }
     }
-    let mut hex = [0u8; 16];
-    for (i, b) in hex.iter_mut().enumerate() {
-        *b = b"0123456789abcdef"[((n >> (60 - 4 * i)) & 0xf) as usize];
-    }
+    let hex = hex_id(n);
     if let Ok(v) = HeaderValue::from_bytes(&hex) {
         req.headers_mut().insert(REQUEST_ID, v);
     }
     // Hex digits are ASCII.
     Arc::from(std::str::from_utf8(&hex).unwrap_or("0"))
+}
+
+/// Request id `n` as 16 lowercase hex digits.
+fn hex_id(n: u64) -> [u8; 16] {
+    let mut hex = [0u8; 16];
+    for (i, b) in hex.iter_mut().enumerate() {
+        *b = b"0123456789abcdef"[((n >> (60 - 4 * i)) & 0xf) as usize];
+    }
+    hex
 }
 
 fn access_record<B>(

@@ -354,6 +354,30 @@ async fn oversized_head_uri_and_host_are_rejected() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 400);
+
+    // The 431 and a head that does not parse are answered by hyper's parser before any
+    // handler runs: they are still counted, and logged, like the other refusals.
+    let mut s = std::net::TcpStream::connect(g.http).unwrap();
+    std::io::Write::write_all(&mut s, b"GET / HTTP/1.1\r\nHost x\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    let _ = std::io::Read::read_to_string(&mut s, &mut answer);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    let m = g.metrics().await;
+    let count = |code: &str| {
+        let labels = format!("{{code=\"{code}\",pool=\"-\",vhost=\"-\"}}");
+        m.lines()
+            .find(|l| l.starts_with("fpmgate_http_requests_total") && l.contains(&labels))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+    };
+    assert_eq!(count("431"), Some(1), "{m}");
+    // The bad Host header above is ours, the broken head hyper's.
+    assert_eq!(count("400"), Some(2), "{m}");
+    assert!(
+        g.wait_for_log("\" 431 0 ", Duration::from_secs(2))
+            && g.wait_for_log("cause=header_too_large", Duration::from_secs(2)),
+        "{:?}",
+        g.logs()
+    );
 }
 
 #[tokio::test]

@@ -69,6 +69,10 @@ pub(super) async fn serve_h1<I: ClientIo>(
             biased;
             res = &mut *conn => {
                 if let Err(e) = res {
+                    if e.is_parse() {
+                        // hyper answered it (400 or 431) without calling us.
+                        s.proxy.refused_head(info, e.is_parse_too_large());
+                    }
                     tracing::debug!("client connection ended: {e}");
                     return None;
                 }
