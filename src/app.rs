@@ -166,8 +166,10 @@ async fn serve(path: PathBuf, config: Config) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             _ = hup.recv() => {
+                // Not awaited here: a slow reload (DNS answers, certificate files) must not
+                // hold up a SIGTERM. Reloads run one at a time (`Reloader::reload`).
                 let r = reloader.clone();
-                let _ = tokio::task::spawn_blocking(move || r.reload("SIGHUP")).await;
+                drop(tokio::task::spawn_blocking(move || r.reload("SIGHUP")));
             }
             _ = term.recv() => break,
             _ = int.recv() => break,

@@ -111,6 +111,11 @@ pub struct Reloader {
     last_hash: Mutex<u64>,
     listeners: Arc<ListenerSet>,
     dns: DnsCache,
+    /// Held through a reload: the file watcher, SIGHUP and `POST /reload` often fire for
+    /// one change together ("write the file, then reload"), and two reloads at once would
+    /// both bind a new listener's address (one failing, a false "rejected" alarm) or
+    /// interleave their listener changes.
+    serial: Mutex<()>,
 }
 
 impl Reloader {
@@ -133,6 +138,7 @@ impl Reloader {
             last_hash: Mutex::new(hash),
             listeners,
             dns,
+            serial: Mutex::new(()),
         }
     }
 
@@ -174,6 +180,7 @@ impl Reloader {
 
     /// Parses, compiles and applies the file. Returns whether the new config is running.
     pub fn reload(&self, why: &str) -> bool {
+        let _serial = self.serial.lock().unwrap_or_else(|e| e.into_inner());
         match load_config(&self.path) {
             Ok(cfg) => {
                 let hash = fingerprint(&self.path, Some(&cfg));

@@ -633,3 +633,34 @@ async fn a_reload_rotates_the_admin_token_and_removing_admin_locks_nothing_open(
         "requests not counted"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reloads_triggered_together_run_one_at_a_time() {
+    // "Write the file, then reload": the file watcher, SIGHUP and POST /reload all fire for
+    // one change. Run at once, two reloads both bound the new listener's address, and one
+    // was rejected (a false alarm on the reload alert).
+    let (a, b) = (fpm("a", 2), fpm("b", 1));
+    let base = config(&a, &b, "a");
+    let g = Gate::start(&base);
+    for _ in 0..6 {
+        let port = support::free_port();
+        let extra = format!("listen:\n  - bind: \"127.0.0.1:0\"\n  - bind: \"127.0.0.1:{port}\"\n");
+        g.rewrite_config(&base.replace("listen: [ { bind: \"127.0.0.1:0\" } ]\n", &extra));
+        let post = tokio::spawn(client().post(g.admin_url("/reload")).send());
+        g.signal("HUP");
+        assert_eq!(post.await.unwrap().unwrap().status(), 200, "{:?}", g.logs());
+        let url = format!("http://127.0.0.1:{port}/env.php");
+        let t = Instant::now();
+        while client().get(&url).send().await.is_err() {
+            assert!(t.elapsed() < Duration::from_secs(5), "{:?}", g.logs());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    // Let the last triggers finish before counting.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(g.count_log("config reload rejected"), 0, "{:?}", g.logs());
+    assert_eq!(
+        metric(&g, "fpmgate_config_last_reload_successful").await,
+        1.0
+    );
+}
