@@ -37,8 +37,6 @@ pub struct Admin {
     /// Reloads the config file (blocking: file reads, certificate loads, DNS), returning
     /// whether the new config is running. Called on a blocking thread by `POST /reload`.
     pub reload: Option<Arc<dyn Fn() -> bool + Send + Sync>>,
-    /// `admin.token` as the listener started.
-    pub boot_token: Option<String>,
 }
 
 /// Serves the admin API until shutdown.
@@ -255,17 +253,11 @@ impl Admin {
         f(self)
     }
 
-    /// No token configured, or `Authorization: Bearer <token>` matches the configured one:
-    /// the live config's (a reload rotates it), or the one this listener started with when
-    /// a reload removed the `admin:` section (the listener runs on until a restart, and
-    /// must not be left open to anyone).
+    /// No token configured, or `Authorization: Bearer <token>` matches the live config's
+    /// (a reload rotates it; one that removes `admin:` keeps the last, see `Reloader`).
     fn authorized<B>(&self, req: &Request<B>) -> bool {
         let rt = self.shared.load();
-        let token = match rt.config.admin.as_ref() {
-            Some(a) => a.token.as_deref(),
-            None => self.boot_token.as_deref(),
-        };
-        let Some(token) = token else {
+        let Some(token) = rt.config.admin.as_ref().and_then(|a| a.token.as_deref()) else {
             return true;
         };
         let given = req

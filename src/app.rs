@@ -133,7 +133,6 @@ async fn serve(path: PathBuf, config: Config) -> anyhow::Result<()> {
                 let r = reloader.clone();
                 Arc::new(move || r.reload("admin POST /reload"))
             }),
-            boot_token: a.token.clone(),
         };
         tokio::spawn(admin::serve(sock, admin, shutdown.clone()));
     }

@@ -182,8 +182,17 @@ impl Reloader {
     pub fn reload(&self, why: &str) -> bool {
         let _serial = self.serial.lock().unwrap_or_else(|e| e.into_inner());
         match load_config(&self.path) {
-            Ok(cfg) => {
+            Ok(mut cfg) => {
                 let hash = fingerprint(&self.path, Some(&cfg));
+                if cfg.admin.is_none() {
+                    // The admin listener runs on until a restart: it keeps the last token
+                    // it had (a reload may have rotated a leaked one away), and is never
+                    // left open to anyone by the section's removal.
+                    if let Some(running) = self.shared.load().config.admin.clone() {
+                        tracing::warn!(bind = %running.bind, "admin: removed from the config; the admin listener runs until the next restart, with its last token");
+                        cfg.admin = Some(running);
+                    }
+                }
                 // New sockets are bound and every certificate loaded before anything
                 // changes; a bind that fails rejects the whole reload.
                 let prepared = match self.listeners.prepare(&cfg.listeners) {
