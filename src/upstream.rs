@@ -251,12 +251,14 @@ pub async fn exchange(
                     .upstream_errors
                     .with_label_values(&[pool.name(), &ep.label, f.error.cause()])
                     .inc();
-                // Passive health: resets before any response byte and protocol errors count
-                // against the endpoint. A read timeout does not: a script slower than the
-                // timeout (a report, an export) says nothing about the endpoint, and three
-                // of them would eject the pool's only endpoint; a hung FPM fails its pings.
-                if matches!(f.error, ProxyError::UpstreamProtocol(_))
-                    || (before_response && matches!(f.error, ProxyError::UpstreamReset(_)))
+                // Passive health: resets before any response byte, protocol errors and read
+                // timeouts count against the endpoint (a hung FPM answers nothing, and its
+                // pings time out as a saturated one's do, which counts as busy). The pool's
+                // last available endpoint is never ejected (see `passive_failure`).
+                if matches!(
+                    f.error,
+                    ProxyError::ReadTimeout | ProxyError::UpstreamProtocol(_)
+                ) || (before_response && matches!(f.error, ProxyError::UpstreamReset(_)))
                 {
                     pool.passive_failure(&ep);
                 }

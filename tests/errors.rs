@@ -235,9 +235,22 @@ async fn silent_fpm_is_504_read_timeout() {
     for _ in 0..3 {
         assert_eq!(get_status(&g, "/sleep.php?ms=1500").await, 504);
     }
-    // A slow script is not a broken endpoint: three read timeouts in a row (the passive
-    // default) do not eject the pool's only endpoint.
+    // Three read timeouts in a row (the passive default) do not eject the pool's only
+    // endpoint: a few slow scripts would take the whole pool down.
     assert_eq!(get_status(&g, "/index.php").await, 200);
+    // Beside another endpoint, one that never answers is ejected after them.
+    let f = FakeFpm::start(Mode::Silent);
+    let g = gate(
+        &format!("{}\" }}, {{ addr: \"{}", f.addr, shared_fpm().endpoint()),
+        "    balance: round_robin\n    timeouts: { read: 300ms }\n    retries: 0",
+        "",
+    );
+    let mut codes = Vec::new();
+    for _ in 0..12 {
+        codes.push(get_status(&g, "/index.php").await);
+    }
+    assert_eq!(codes.iter().filter(|&&c| c == 504).count(), 3, "{codes:?}");
+    assert!(codes[6..].iter().all(|&c| c == 200), "{codes:?}");
     // A request large enough to be written beside the read (all of it fits in the socket
     // buffers): the read timeout runs from its end.
     let g = gate(

@@ -263,7 +263,8 @@ impl Pool {
     }
 
     /// A request on `ep` failed in a way that blames the endpoint (connect failure, reset
-    /// before any response byte, protocol error). May eject it.
+    /// before any response byte, protocol error, read timeout). May eject it, unless it is
+    /// the pool's last available endpoint.
     pub fn passive_failure(&self, ep: &Endpoint) {
         let pc = &self.config.passive;
         if pc.fails == 0 || ep.is_ejected() {
@@ -272,11 +273,28 @@ impl Pool {
         }
         let active = self.config.health.is_some();
         let now = now_ms();
+        // Never the pool's last available endpoint: ejecting it would turn its 502s and
+        // 504s into 503s for every request and fail `/readyz`, and a few scripts slower
+        // than the read timeout (a report, an export) would do it as readily as a hung FPM.
+        let last = !self
+            .endpoints
+            .iter()
+            .any(|e| !std::ptr::eq(e.as_ref(), ep) && e.is_available());
         let eject = {
             let mut h = ep.health();
             let eject = h
                 .passive
                 .record_failure(now, pc.fails, pc.window.as_millis() as u64);
+            if eject && last {
+                drop(h);
+                tracing::warn!(
+                    pool = self.name(),
+                    endpoint = %ep.label,
+                    "{} consecutive request failures, but this is the pool's last available endpoint: not ejected",
+                    pc.fails
+                );
+                return;
+            }
             if eject && active {
                 // Back through the rise counter once the ejection is over.
                 h.counter.force_down();
