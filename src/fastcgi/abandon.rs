@@ -35,7 +35,9 @@ pub(crate) struct Finishing {
 pub struct Running<G: Send + Sync + 'static> {
     conn: Option<Conn>,
     place: Option<G>,
-    read_timeout: Duration,
+    /// When FPM's answer is due at the latest (the read timeout from the request's start):
+    /// a request left earlier holds its place no longer than one that waited for its 504.
+    due: Instant,
     request_id: Arc<str>,
 }
 
@@ -45,7 +47,7 @@ impl<G: Send + Sync + 'static> Running<G> {
         Running {
             conn: Some(conn),
             place: Some(place),
-            read_timeout,
+            due: Instant::now() + read_timeout,
             request_id: Arc::clone(request_id),
         }
     }
@@ -71,7 +73,7 @@ impl<G: Send + Sync + 'static> Drop for Running<G> {
             abandon(
                 conn,
                 Box::new(place),
-                self.read_timeout,
+                self.due,
                 Arc::clone(&self.request_id),
             );
         }
@@ -79,24 +81,27 @@ impl<G: Send + Sync + 'static> Drop for Running<G> {
 }
 
 /// Reads `conn` on to the end of its request in a task of its own, discarding the output,
-/// and drops `guards` (the pool place) after: within `read_timeout` from now, after which
-/// the connection closes (PHP then stops the script at its next output, unless it ignores
-/// user aborts).
+/// and drops `guards` (the pool place) after: until `deadline` (the read timeout of the
+/// FPM read the client left during), after which the connection closes (PHP then stops
+/// the script at its next output, unless it ignores user aborts).
 pub(crate) fn abandon(
     conn: Conn,
     guards: Box<dyn Send + Sync>,
-    read_timeout: Duration,
+    deadline: Instant,
     request_id: Arc<str>,
 ) {
-    // Outside a runtime (shutting down) there is nobody to serve: close.
+    // Outside a runtime (shutting down) there is nobody to serve: close, the slot before
+    // the place.
     let Ok(rt) = tokio::runtime::Handle::try_current() else {
+        drop(conn);
+        drop(guards);
         return;
     };
-    rt.spawn(drain(Finishing { conn, guards }, read_timeout, request_id));
+    rt.spawn(drain(Finishing { conn, guards }, deadline, request_id));
 }
 
-async fn drain(mut f: Finishing, read_timeout: Duration, request_id: Arc<str>) {
-    let deadline = Instant::now() + read_timeout;
+/// [`abandon`]'s task: discards records to END_REQUEST, EOF or `deadline`.
+pub(crate) async fn drain(mut f: Finishing, deadline: Instant, request_id: Arc<str>) {
     let conn = &mut f.conn;
     // FPM may not have the whole request yet (cut off mid-write): the end of its input
     // tells it there is no more, rather than leaving the worker waiting for it. A whole

@@ -233,7 +233,8 @@ impl http_body::Body for FcgiBody {
                 if let Some(conn) = this.conn.take() {
                     let guards = std::mem::replace(&mut this.guards, Box::new(()));
                     let rid = std::sync::Arc::clone(&this.request_id);
-                    super::abandon::abandon(conn, guards, this.read_timeout, rid);
+                    let due = this.last_progress + this.read_timeout;
+                    super::abandon::abandon(conn, guards, due, rid);
                 }
                 return Poll::Ready(None);
             }

@@ -1,13 +1,11 @@
 //! The end of a response body whose declared length has been sent: hyper drops the body
 //! then, before FPM's END_REQUEST has been read. Reading on to it keeps the connection.
 
-use std::time::Duration;
-
 use tokio::io::AsyncReadExt;
 use tokio::time::Instant;
 
 use super::FcgiBody;
-use crate::fastcgi::abandon::{abandon, Finishing};
+use crate::fastcgi::abandon::{abandon, drain, Finishing};
 use crate::fastcgi::client::{log_stderr, LogCtx};
 use crate::fastcgi::codec::{self, ProtocolStatus, RecordType};
 use crate::pool::Conn;
@@ -24,8 +22,10 @@ impl Drop for FcgiBody {
         // request FPM stopped taking) leaves FPM busy with the script: its output is
         // discarded, and the place held, until it ends.
         let whole = self.pending.is_none() && self.declared == Some(self.delivered);
+        // The read timeout of the read in progress: no longer than a client that stayed.
+        let due = self.last_progress + self.read_timeout;
         if !self.reusable || !whole || self.tail.is_some() {
-            abandon(conn, guards, self.read_timeout, request_id);
+            abandon(conn, guards, due, request_id);
             return;
         }
         match finish_buffered(&mut conn, &self.request_id) {
@@ -34,17 +34,19 @@ impl Drop for FcgiBody {
                 drop(guards);
             }
             // More output than declared: the script is still printing.
-            Finish::Broken => abandon(conn, guards, self.read_timeout, request_id),
+            Finish::Broken => abandon(conn, guards, due, request_id),
             Finish::More => {
                 // END_REQUEST is still on its way (FPM sends it when the script ends): read
                 // on in a task of its own, holding the pool place, since the worker is busy
                 // until then.
                 let Ok(rt) = tokio::runtime::Handle::try_current() else {
+                    drop(conn);
+                    drop(guards);
                     return;
                 };
                 rt.spawn(finish_after_body(
                     Finishing { conn, guards },
-                    self.read_timeout,
+                    due,
                     request_id,
                 ));
             }
@@ -89,12 +91,7 @@ fn finish_buffered(conn: &mut Conn, request_id: &str) -> Finish {
 
 /// Reads a connection on to END_REQUEST, within the read timeout, then keeps it; `guards`
 /// (the pool place) go when it is done either way.
-async fn finish_after_body(
-    mut f: Finishing,
-    read_timeout: Duration,
-    request_id: std::sync::Arc<str>,
-) {
-    let deadline = Instant::now() + read_timeout;
+async fn finish_after_body(mut f: Finishing, deadline: Instant, request_id: std::sync::Arc<str>) {
     loop {
         match finish_buffered(&mut f.conn, &request_id) {
             Finish::Clean => {
@@ -103,7 +100,9 @@ async fn finish_after_body(
                 drop(guards);
                 return;
             }
-            Finish::Broken => return,
+            // More output than declared: the script still runs, so the place stays held
+            // while the rest is discarded.
+            Finish::Broken => return drain(f, deadline, request_id).await,
             Finish::More => {}
         }
         let conn = &mut f.conn;
