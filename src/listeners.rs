@@ -32,7 +32,9 @@ struct Running {
     /// closes in between. None if the handle could not be made (out of descriptors).
     socket: Option<socket2::Socket>,
     resolver: Option<Arc<SniResolver>>,
-    /// The `certificate` labels of its expiry series.
+    /// The address it is bound to (the `bind` label of its expiry series: unique, where
+    /// several configured `127.0.0.1:0` are not) and the `certificate` labels.
+    addr: SocketAddr,
     certs: Vec<String>,
     stop: CancellationToken,
     _task: JoinHandle<()>,
@@ -164,7 +166,7 @@ impl ListenerSet {
             match step {
                 Step::Stop { key } => {
                     if let Some(r) = running.remove(&key) {
-                        self.publish_expiry(key.0, &r.certs, None);
+                        self.publish_expiry(r.addr, &r.certs, None);
                         r.stop.cancel();
                         tracing::info!(bind = %key.0, "listener stopped");
                     }
@@ -175,7 +177,7 @@ impl ListenerSet {
                             for line in set.expired() {
                                 tracing::warn!(listener = %key.0, "certificate {line}: serving it anyway");
                             }
-                            r.certs = self.publish_expiry(key.0, &r.certs, Some(&set));
+                            r.certs = self.publish_expiry(r.addr, &r.certs, Some(&set));
                             res.swap(set);
                         }
                     }
@@ -203,7 +205,7 @@ impl ListenerSet {
     fn start(&self, cfg: &ListenerConfig, sock: TcpListener, set: Option<CertSet>) -> Running {
         let addr = sock.local_addr().unwrap_or(cfg.bind);
         let socket = socket2::SockRef::from(&sock).try_clone().ok();
-        let certs = self.publish_expiry(cfg.bind, &[], set.as_ref());
+        let certs = self.publish_expiry(addr, &[], set.as_ref());
         let resolver = set.map(|set| {
             let expired = set.expired();
             for line in &set.summary {
@@ -232,6 +234,7 @@ impl ListenerSet {
             shape: shape(cfg),
             socket,
             resolver,
+            addr,
             certs,
             stop,
             _task: task,
