@@ -256,9 +256,9 @@ impl Endpoint {
             {
                 Ok(_) => {
                     self.metrics.inflight.inc();
-                    self.metrics.active.inc();
                     return Some(Slot {
                         endpoint: self.clone(),
+                        connected: false,
                     });
                 }
                 Err(now) => cur = now,
@@ -273,7 +273,11 @@ impl Endpoint {
     /// Turns a slot into a connection: the most recently used idle one that is still alive,
     /// or a new one. `probe`: check every kept connection first, even one returned moments
     /// ago (for requests that must not be retried once sent).
-    pub async fn connect(&self, slot: Slot, probe: bool) -> Result<Conn, (Slot, std::io::Error)> {
+    pub async fn connect(
+        &self,
+        mut slot: Slot,
+        probe: bool,
+    ) -> Result<Conn, (Slot, std::io::Error)> {
         let settings = self.settings();
         loop {
             let idle = {
@@ -290,6 +294,7 @@ impl Endpoint {
                 && ((!probe && idle_for < FRESH_IDLE) || idle.stream.is_reusable())
             {
                 self.metrics.reuses.inc();
+                slot.connected();
                 return Ok(Conn {
                     stream: idle.stream,
                     buf: idle.buf,
@@ -314,6 +319,7 @@ impl Endpoint {
         match conn::connect(target, settings.connect_timeout).await {
             Ok(stream) => {
                 self.metrics.connects.inc();
+                slot.connected();
                 Ok(Conn {
                     stream,
                     buf: BytesMut::with_capacity(READ_BUF),
@@ -367,6 +373,9 @@ impl Endpoint {
 /// One reserved unit of an endpoint's worker budget. Dropping it frees the unit.
 pub struct Slot {
     endpoint: Arc<Endpoint>,
+    /// A connection holds it: counted in `fpmgate_upstream_connections{state="active"}`,
+    /// which a slot still connecting (or failing to) is not.
+    connected: bool,
 }
 
 impl Slot {
@@ -374,13 +383,22 @@ impl Slot {
     pub fn endpoint(&self) -> &Arc<Endpoint> {
         &self.endpoint
     }
+
+    fn connected(&mut self) {
+        if !self.connected {
+            self.connected = true;
+            self.endpoint.metrics.active.inc();
+        }
+    }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
         self.endpoint.busy.fetch_sub(1, Ordering::AcqRel);
         self.endpoint.metrics.inflight.dec();
-        self.endpoint.metrics.active.dec();
+        if self.connected {
+            self.endpoint.metrics.active.dec();
+        }
     }
 }
 
@@ -424,5 +442,56 @@ impl Conn {
         }
         // Bytes left after END_REQUEST mean FPM sent something we did not ask for: close.
         drop(slot);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Metrics;
+
+    fn endpoint(port: u16) -> (Arc<Endpoint>, EndpointMetrics) {
+        let metrics = Metrics::new().endpoint("p", "e");
+        let cfg = EndpointConfig {
+            addr: EndpointAddr::Tcp(([127, 0, 0, 1], port).into()),
+            weight: 1,
+            max_conns: 4,
+        };
+        let settings = ConnSettings {
+            connect_timeout: Duration::from_secs(1),
+            max_idle: 0,
+            idle_timeout: Duration::from_secs(5),
+        };
+        (
+            Arc::new(Endpoint::new(&cfg, settings, metrics.clone())),
+            metrics,
+        )
+    }
+
+    /// `upstream_connections{state="active"}` counts connections, not reserved slots: a
+    /// request still connecting, or failing to, during an FPM outage is not one.
+    #[tokio::test]
+    async fn only_connected_slots_count_as_active_connections() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (ep, m) = endpoint(listener.local_addr().unwrap().port());
+        let slot = ep.try_reserve().unwrap();
+        assert_eq!((m.inflight.get(), m.active.get()), (1, 0));
+        let conn = ep.connect(slot, false).await.ok().unwrap();
+        assert_eq!((m.inflight.get(), m.active.get()), (1, 1));
+        drop(conn);
+        assert_eq!((m.inflight.get(), m.active.get()), (0, 0));
+
+        // Nothing listens there any more: the connect fails and nothing was active.
+        let port = listener.local_addr().unwrap().port();
+        drop(listener);
+        let (ep, m) = endpoint(port);
+        let (slot, _) = ep
+            .connect(ep.try_reserve().unwrap(), false)
+            .await
+            .err()
+            .unwrap();
+        assert_eq!((m.inflight.get(), m.active.get()), (1, 0));
+        drop(slot);
+        assert_eq!((m.inflight.get(), m.active.get()), (0, 0));
     }
 }
