@@ -257,7 +257,7 @@ impl Metrics {
             pool_queue_wait: histogram(
                 &r,
                 "fpmgate_pool_queue_wait_seconds",
-                "Time requests waited in the pool queue.",
+                "Time requests waited in the pool queue (0 for those admitted at once).",
                 &["pool"],
             ),
             endpoint_up: gauge(
@@ -403,6 +403,12 @@ impl Metrics {
         for result in ["ok", "fail", "busy"] {
             let _ = self
                 .health_checks
+                .remove_label_values(&[pool, endpoint, result]);
+        }
+        for result in ["ok", "busy", "fail"] {
+            let _ = self
+                .fpm
+                .scrapes
                 .remove_label_values(&[pool, endpoint, result]);
         }
         for state in ["active", "idle"] {

@@ -594,6 +594,13 @@ async fn fpm_status_figures_match_fpms_own_page() {
     };
     let get = |name: &str| metric(&text, name, &labels).unwrap_or(-1.0);
     assert!(get("fpmgate_fpm_accepted_connections") >= accepted);
+    let [pool, ep] = labels;
+    let scrapes = |result| {
+        let l = [pool, ep, ("result", result)];
+        metric(&text, "fpmgate_fpm_status_scrapes_total", &l).unwrap_or(0.0)
+    };
+    assert!(scrapes("ok") >= 2.0, "scrapes are counted");
+    assert_eq!(scrapes("fail"), 0.0);
     for name in [
         "fpmgate_fpm_active_processes",
         "fpmgate_fpm_idle_processes",

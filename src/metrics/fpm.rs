@@ -1,8 +1,8 @@
 //! The PHP-FPM status-page gauges, by pool and endpoint.
 
-use prometheus::{IntGaugeVec, Registry};
+use prometheus::{IntCounterVec, IntGaugeVec, Registry};
 
-use super::gauge;
+use super::{counter, gauge};
 
 /// The PHP-FPM status-page gauges.
 pub struct FpmMetrics {
@@ -24,6 +24,9 @@ pub struct FpmMetrics {
     pub accepted_connections: IntGaugeVec,
     /// Whether the last scrape worked (the other figures are stale when 0).
     pub up: IntGaugeVec,
+    /// Scrapes by result (`ok`, `busy`: timed out waiting, `fail`), labelled pool,
+    /// endpoint, result.
+    pub scrapes: IntCounterVec,
 }
 
 impl FpmMetrics {
@@ -83,6 +86,12 @@ impl FpmMetrics {
                 "fpmgate_fpm_up",
                 "1 if the last PHP-FPM status scrape succeeded, 0 if it failed.",
                 pe,
+            ),
+            scrapes: counter(
+                r,
+                "fpmgate_fpm_status_scrapes_total",
+                "PHP-FPM status scrapes by result: ok, busy (timed out waiting), fail.",
+                &["pool", "endpoint", "result"],
             ),
         }
     }

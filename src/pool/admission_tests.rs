@@ -126,6 +126,10 @@ async fn a_wait_ends_exactly_at_the_queue_timeout() {
     assert!(matches!(p.admit().await, Err(ProxyError::QueueTimeout)));
     assert_eq!(t.elapsed(), Duration::from_millis(750));
     assert_eq!(p.inflight(), 1);
+    // Both waits are in the histogram: the first, admitted at once, as 0.
+    let wait = &p.metrics.queue_wait;
+    assert_eq!(wait.get_sample_count(), 2);
+    assert_eq!(wait.get_sample_sum(), 0.75);
 }
 
 /// A request waiting in `p`'s queue (spawned, and run until it waits).

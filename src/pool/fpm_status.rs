@@ -373,6 +373,9 @@ fn apply_scrape(
             set(&f.slow_requests, s.slow_requests);
             set(&f.accepted_connections, s.accepted_conn);
             f.up.with_label_values(l).set(1);
+            f.scrapes
+                .with_label_values(&[pool, ep.label.as_str(), "ok"])
+                .inc();
             ep.set_fpm_snapshot(FpmSnapshot {
                 status: s,
                 at_unix_ms: unix_ms(),
@@ -385,11 +388,12 @@ fn apply_scrape(
             if !e.is_wait() {
                 ep.clear_fpm_hints();
             }
-            metrics
-                .fpm
-                .up
-                .with_label_values(&[pool, ep.label.as_str()])
-                .set(0);
+            let f = &metrics.fpm;
+            f.up.with_label_values(&[pool, ep.label.as_str()]).set(0);
+            let result = if e.is_wait() { "busy" } else { "fail" };
+            f.scrapes
+                .with_label_values(&[pool, ep.label.as_str(), result])
+                .inc();
             tracing::debug!(pool, endpoint = %ep.label, "FPM status scrape failed: {e}");
         }
     }

@@ -273,6 +273,9 @@ impl Pool {
                 let pool = st.newest.upgrade().unwrap_or_else(|| self.clone());
                 drop(st);
                 pool.metrics.inflight.inc();
+                // Counted as a wait of 0, so the histogram covers every admitted request
+                // (its quantiles and `_count` are those of all of them, not of waiters only).
+                self.metrics.queue_wait.observe(0.0);
                 return Ok(Admit {
                     pool: Some(pool),
                     on: None,
