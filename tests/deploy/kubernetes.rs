@@ -356,8 +356,10 @@ fn kubernetes_workloads_are_wired_consistently() {
     }
 }
 
-/// The fpmgate config reaches the example FPM Service, and its max_conns follows the
-/// capacity rule: replicas × max_conns never exceeds the FPM workers behind the Service.
+/// The fpmgate config finds the example FPM Pods through their headless Service (one
+/// endpoint per Pod, so each is balanced, pinged and ejected on its own), and its
+/// max_conns follows the capacity rule: replicas × max_conns never exceeds one Pod's
+/// workers.
 #[test]
 fn kubernetes_fpm_backend_matches_fpmgate_config() {
     let docs = k8s_docs();
@@ -369,7 +371,10 @@ fn kubernetes_fpm_backend_matches_fpmgate_config() {
         "fpmgate.yaml",
     );
     let svc = find(&docs, "Service", "php-fpm");
-    let cluster_ip = s(&svc["spec"]["clusterIP"], "clusterIP");
+    assert_eq!(
+        svc["spec"]["clusterIP"], "None",
+        "the php-fpm Service is headless: its name resolves to the Pods"
+    );
     let svc_ports: Vec<u64> = arr(&svc["spec"]["ports"], "ports")
         .iter()
         .map(|p| n(&p["port"], "port"))
@@ -391,8 +396,8 @@ fn kubernetes_fpm_backend_matches_fpmgate_config() {
     assert_eq!(setting("ping.path"), "/ping");
     assert_eq!(setting("security.limit_extensions"), ".php");
     assert_eq!(setting("php_admin_value[cgi.fix_pathinfo]"), "0");
-    let workers = n(&fpm["spec"]["replicas"], "php-fpm replicas")
-        * setting("pm.max_children").parse::<u64>().unwrap();
+    assert!(n(&fpm["spec"]["replicas"], "php-fpm replicas") >= 2);
+    let workers: u64 = setting("pm.max_children").parse().unwrap();
     let max_replicas = n(
         &find(&docs, "HorizontalPodAutoscaler", "fpmgate")["spec"]["maxReplicas"],
         "maxReplicas",
@@ -403,10 +408,10 @@ fn kubernetes_fpm_backend_matches_fpmgate_config() {
         let mut total = 0;
         for e in arr(&pool["endpoints"], "endpoints") {
             let addr = s(&e["addr"], "addr");
-            let (ip, port) = addr.rsplit_once(':').unwrap();
+            let (host, port) = addr.rsplit_once(':').unwrap();
             assert_eq!(
-                ip, cluster_ip,
-                "pool {name}: endpoint {addr} is not the php-fpm Service"
+                host, "dns:php-fpm",
+                "pool {name}: endpoint {addr} is not the php-fpm Service's name"
             );
             assert!(
                 svc_ports.contains(&port.parse().unwrap()),
@@ -416,8 +421,15 @@ fn kubernetes_fpm_backend_matches_fpmgate_config() {
         }
         assert!(
             total * max_replicas <= workers,
-            "pool {name}: {max_replicas} replicas × max_conns {total} > {workers} FPM workers"
+            "pool {name}: {max_replicas} replicas × max_conns {total} > {workers} workers per FPM Pod"
         );
+        assert_ne!(
+            pool["health"]["passive"]["fails"], 0,
+            "one endpoint per Pod: passive ejection takes out only the failing one"
+        );
+        if let Some(path) = pool["status"].as_str() {
+            assert_eq!(path, setting("pm.status_path"), "pool {name}: status");
+        }
         if let Some(port) = pool["health"]["addr_port"].as_u64() {
             assert!(
                 svc_ports.contains(&port),
