@@ -8,7 +8,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use http_body::Frame;
 use tokio::time::{Instant, Sleep};
 
@@ -63,6 +63,20 @@ pub struct FcgiBody {
     guards: Box<dyn Send + Sync>,
     /// The request body not yet written when the head came, written as the body streams.
     tail: Option<StdinTail>,
+    /// Inside a STDOUT record streamed as it arrives: its content and padding bytes still
+    /// to come (both 0 at a record boundary).
+    left: usize,
+    pad: usize,
+}
+
+/// What the bytes buffered inside a record streamed as it arrives give.
+enum Mid {
+    /// More of its content.
+    Chunk(Bytes),
+    /// Nothing yet: read.
+    Read,
+    /// The record is done: the buffer is at a record boundary.
+    Boundary,
 }
 
 impl FcgiBody {
@@ -90,7 +104,54 @@ impl FcgiBody {
             overran: false,
             guards,
             tail: None,
+            left: 0,
+            pad: 0,
         }
+    }
+
+    /// Continues a STDOUT record whose start [`codec::split_partial_stdout`] took.
+    fn mid_record(&mut self) -> Mid {
+        let Some(conn) = self.conn.as_mut() else {
+            return Mid::Boundary;
+        };
+        if self.left > 0 {
+            if conn.buf.is_empty() {
+                return Mid::Read;
+            }
+            let chunk = conn.buf.split_to(self.left.min(conn.buf.len())).freeze();
+            self.left -= chunk.len();
+            return Mid::Chunk(chunk);
+        }
+        let skip = self.pad.min(conn.buf.len());
+        conn.buf.advance(skip);
+        self.pad -= skip;
+        if self.pad > 0 {
+            Mid::Read
+        } else {
+            Mid::Boundary
+        }
+    }
+
+    /// The connection, its buffer at a record boundary again for whoever reads on: the
+    /// rest of a record streamed as it arrived gets a header of its own (a copy of what is
+    /// buffered, on the rare paths that leave a body early).
+    pub(super) fn take_conn(&mut self) -> Option<Conn> {
+        let mut conn = self.conn.take()?;
+        if self.left > 0 || self.pad > 0 {
+            let (left, pad) = (
+                std::mem::take(&mut self.left),
+                std::mem::take(&mut self.pad),
+            );
+            // A record's remainder: at most 65535 content and 255 padding bytes.
+            let (len, padding) = (left as u16, pad as u8);
+            let header =
+                codec::record_header(RecordType::Stdout, super::client::REQUEST_ID, len, padding);
+            let mut buf = BytesMut::with_capacity(header.len() + conn.buf.len().max(left + pad));
+            buf.extend_from_slice(&header);
+            buf.extend_from_slice(&conn.buf);
+            conn.buf = buf;
+        }
+        Some(conn)
     }
 
     /// The rest of the request, when the script answered before it read all of its input:
@@ -230,7 +291,7 @@ impl http_body::Body for FcgiBody {
             if this.overran {
                 // FPM is still sending what nobody may read: the body ends here, and the
                 // rest is discarded while the place stays held, as for a client abort.
-                if let Some(conn) = this.conn.take() {
+                if let Some(conn) = this.take_conn() {
                     let guards = std::mem::replace(&mut this.guards, Box::new(()));
                     let rid = std::sync::Arc::clone(&this.request_id);
                     let due = this.last_progress + this.read_timeout;
@@ -238,10 +299,25 @@ impl http_body::Body for FcgiBody {
                 }
                 return Poll::Ready(None);
             }
+            match this.mid_record() {
+                Mid::Chunk(chunk) => {
+                    if let Some(b) = this.fit(chunk) {
+                        return Poll::Ready(Some(Ok(Frame::data(b))));
+                    }
+                    continue;
+                }
+                Mid::Read => {}
+                Mid::Boundary => {}
+            }
             let Some(conn) = this.conn.as_mut() else {
                 return Poll::Ready(None);
             };
-            match codec::decode_record(&mut conn.buf) {
+            let at_boundary = this.left == 0 && this.pad == 0;
+            match if at_boundary {
+                codec::decode_record(&mut conn.buf)
+            } else {
+                Ok(None)
+            } {
                 Err(e) => return this.fail(format!("malformed FastCGI record: {e}")),
                 Ok(Some(rec)) => match rec.kind {
                     RecordType::Stdout => {
@@ -291,6 +367,17 @@ impl http_body::Body for FcgiBody {
                     }
                 },
                 Ok(None) => {
+                    if at_boundary {
+                        if let Some((chunk, left, pad)) =
+                            codec::split_partial_stdout(&mut conn.buf, PARTIAL_MIN)
+                        {
+                            (this.left, this.pad) = (left, pad);
+                            if let Some(b) = this.fit(chunk) {
+                                return Poll::Ready(Some(Ok(Frame::data(b))));
+                            }
+                            continue;
+                        }
+                    }
                     // A body that needs more than the first read streams in reads of a
                     // whole record (64 KiB) rather than 16 KiB: a quarter of the reads.
                     if conn.buf.capacity() - conn.buf.len() < 4096 {
@@ -341,6 +428,10 @@ impl http_body::Body for FcgiBody {
 
 /// Read size while a response body streams: one FastCGI record's largest content.
 const STREAM_READ: usize = 64 * 1024;
+
+/// Content of a STDOUT record not yet whole that is sent on at once rather than gathered
+/// with the rest of the record: gathering copies what is buffered when the buffer is grown.
+const PARTIAL_MIN: usize = 4096;
 
 #[path = "body_end.rs"]
 mod body_end;

@@ -12,7 +12,7 @@ use crate::pool::Conn;
 
 impl Drop for FcgiBody {
     fn drop(&mut self) {
-        let Some(mut conn) = self.conn.take() else {
+        let Some(mut conn) = self.take_conn() else {
             return;
         };
         let guards = std::mem::replace(&mut self.guards, Box::new(()));

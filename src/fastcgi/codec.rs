@@ -205,6 +205,32 @@ pub fn decode_record(buf: &mut BytesMut) -> Result<Option<Record>, DecodeError> 
     }))
 }
 
+/// The start of a STDOUT record not yet whole in `buf`, when at least `min` bytes of its
+/// content are: the header is consumed and the content there split off (zero-copy), so a
+/// large record streams as it arrives instead of being gathered (and copied) first.
+/// Returns the content, and the content and padding bytes of the record still to come.
+/// `None` (nothing consumed): a whole record, another type, or too little content yet.
+pub fn split_partial_stdout(buf: &mut BytesMut, min: usize) -> Option<(Bytes, usize, usize)> {
+    let &[version, kind, _, _, len_hi, len_lo, padding, _] = buf.first_chunk::<HEADER_LEN>()?;
+    let len = usize::from(u16::from_be_bytes([len_hi, len_lo]));
+    let padding = usize::from(padding);
+    let avail = buf.len() - HEADER_LEN;
+    if version != VERSION_1
+        || RecordType::from_u8(kind) != RecordType::Stdout
+        || avail >= len + padding
+        || avail.min(len) < min.max(1)
+    {
+        return None;
+    }
+    buf.advance(HEADER_LEN);
+    let content = buf.split_to(avail.min(len)).freeze();
+    let left = len - content.len();
+    // With the content all here, part of the padding may be too.
+    let pad_here = if left == 0 { buf.len().min(padding) } else { 0 };
+    buf.advance(pad_here);
+    Some((content, left, padding - pad_here))
+}
+
 /// Parse an END_REQUEST body. It must be at least 8 bytes; anything after the
 /// 8-byte body is ignored.
 pub fn parse_end_request(content: &[u8]) -> Result<EndRequest, DecodeError> {

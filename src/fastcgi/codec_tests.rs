@@ -424,3 +424,32 @@ proptest! {
         let _ = parse_begin_request(&data);
     }
 }
+
+#[test]
+fn partial_stdout_is_split_off_as_it_arrives() {
+    let mut whole = BytesMut::new();
+    whole.extend_from_slice(&record_header(RecordType::Stdout, 1, 10, 3));
+    whole.extend_from_slice(b"0123456789\0\0\0");
+    // Whole records, and too little content, are left to decode_record.
+    assert_eq!(split_partial_stdout(&mut whole.clone(), 1), None);
+    let mut buf = BytesMut::from(&whole[..HEADER_LEN + 3]);
+    assert_eq!(split_partial_stdout(&mut buf, 4), None);
+    assert_eq!(buf.len(), HEADER_LEN + 3, "nothing consumed");
+    // Part of the content.
+    let (content, left, pad) = split_partial_stdout(&mut buf, 3).unwrap();
+    assert_eq!((&content[..], left, pad), (&b"012"[..], 7, 3));
+    assert!(buf.is_empty());
+    // All of the content and part of the padding.
+    let mut buf = BytesMut::from(&whole[..HEADER_LEN + 11]);
+    let (content, left, pad) = split_partial_stdout(&mut buf, 1).unwrap();
+    assert_eq!((&content[..], left, pad), (&b"0123456789"[..], 0, 2));
+    assert!(buf.is_empty());
+    // Not STDOUT, or not FastCGI.
+    let mut err = BytesMut::new();
+    err.extend_from_slice(&record_header(RecordType::Stderr, 1, 10, 0));
+    err.extend_from_slice(b"01234");
+    assert_eq!(split_partial_stdout(&mut err, 1), None);
+    let mut bad = BytesMut::from(&whole[..HEADER_LEN + 5]);
+    bad[0] = 2;
+    assert_eq!(split_partial_stdout(&mut bad, 1), None);
+}

@@ -40,6 +40,18 @@ pub enum Mode {
     ShortRecord,
     /// A head and some body, then END_REQUEST saying the request did not complete.
     UncleanEnd,
+    /// A body of [`TRICKLE_LEN`] bytes (`Content-Length` declared) in two padded STDOUT
+    /// records of which only parts arrive at a time, with the given pause in ms between
+    /// writes: the first in two halves, the second's padding last, with END_REQUEST.
+    Trickle(u64),
+}
+
+/// The body [`Mode::Trickle`] sends.
+pub const TRICKLE_LEN: usize = 80_000;
+
+/// Byte `i` of the [`Mode::Trickle`] body: misplaced or lost bytes show.
+pub fn trickle_byte(i: usize) -> u8 {
+    (i % 251) as u8
 }
 
 /// A running fake server.
@@ -160,6 +172,31 @@ async fn serve(mut s: TcpStream, mode: Mode, requests: Arc<AtomicUsize>) -> std:
             Mode::UncleanEnd => {
                 stdout(&mut out, b"Content-Type: text/plain\r\n\r\npartial body");
                 codec::put_end_request(&mut out, 1, 0, ProtocolStatus::Overloaded);
+            }
+            Mode::Trickle(ms) => {
+                let pause = Duration::from_millis(ms);
+                let half = TRICKLE_LEN / 2;
+                let body: Vec<u8> = (0..TRICKLE_LEN).map(trickle_byte).collect();
+                let head =
+                    format!("Content-Type: text/plain\r\nContent-Length: {TRICKLE_LEN}\r\n\r\n");
+                stdout(&mut out, head.as_bytes());
+                let (first, second) = body.split_at(half);
+                let len = u16::try_from(half).unwrap();
+                out.extend_from_slice(&codec::record_header(RecordType::Stdout, 1, len, 7));
+                out.extend_from_slice(&first[..half / 2]);
+                s.write_all(&std::mem::take(&mut out)).await?;
+                tokio::time::sleep(pause).await;
+                out.extend_from_slice(&first[half / 2..]);
+                out.extend_from_slice(&[0; 7]);
+                s.write_all(&std::mem::take(&mut out)).await?;
+                tokio::time::sleep(pause).await;
+                out.extend_from_slice(&codec::record_header(RecordType::Stdout, 1, len, 5));
+                out.extend_from_slice(second);
+                s.write_all(&std::mem::take(&mut out)).await?;
+                tokio::time::sleep(pause).await;
+                out.extend_from_slice(&[0; 5]);
+                codec::put_record(&mut out, RecordType::Stdout, 1, b"");
+                codec::put_end_request(&mut out, 1, 0, ProtocolStatus::RequestComplete);
             }
             Mode::ShortRecord => {
                 out.extend_from_slice(&codec::record_header(RecordType::Stdout, 1, 65535, 0));
