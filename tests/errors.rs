@@ -576,6 +576,17 @@ async fn over_http2_bodies_keep_to_the_scripts_content_length() {
         assert_eq!(r.status(), 304, "{after}");
         assert_eq!(r.bytes().await.unwrap().len(), 0, "{after}");
     }
+    // The streamed one is reported as the whole one is, with where it came from.
+    let endpoint = format!("endpoint={}", shared_fpm().endpoint());
+    let warned = g
+        .logs()
+        .into_iter()
+        .find(|l| l.contains("declared Content-Length 2 but sent 5 bytes or more"))
+        .unwrap_or_else(|| panic!("no warning for the streamed body: {:?}", g.logs()));
+    assert!(
+        warned.contains("pool=main") && warned.contains(&endpoint),
+        "{warned}"
+    );
     let r = c
         .get(g.url("/length.php?declared=100&body=hello&after_ms=100"))
         .send()

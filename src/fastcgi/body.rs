@@ -246,11 +246,16 @@ impl FcgiBody {
             let room = declared.saturating_sub(self.delivered);
             if data.len() as u64 > room {
                 if !self.overran {
-                    let label = self.conn.as_ref().map(|c| c.endpoint().label.as_str());
+                    // Worded as for a body that came whole (`upstream::fit_declared`): which
+                    // path a response takes depends on how FPM's writes were read.
+                    let ep = self.conn.as_ref().map(|c| c.endpoint());
+                    let pool = ep.and_then(|e| e.owner());
+                    let sent = self.delivered + data.len() as u64;
                     tracing::warn!(
                         request_id = &*self.request_id,
-                        endpoint = label.unwrap_or("-"),
-                        "the script declared Content-Length {declared} but sent more: sending the first {declared}"
+                        pool = %pool.as_ref().map_or("-", |p| p.name()),
+                        endpoint = %ep.map_or("-", |e| e.label.as_str()),
+                        "the script declared Content-Length {declared} but sent {sent} bytes or more: sending the first {declared}"
                     );
                 }
                 self.overran = true;
