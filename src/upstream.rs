@@ -351,7 +351,7 @@ fn fit_declared(
     if sent > declared {
         tracing::warn!(
             request_id = at.request_id,
-            pool,
+            pool = %pool,
             endpoint = %at.endpoint,
             "the script declared Content-Length {declared} but sent {sent} bytes: sending the first {declared}"
         );

@@ -507,6 +507,22 @@ async fn two_on_one_connection(g: &Gate, first: &str, second: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// A log line saying `what`, with the pool, endpoint and request id it is about.
+fn overrun_reported(g: &Gate, what: &str) {
+    let endpoint = format!("endpoint={}", shared_fpm().endpoint());
+    let warned = g
+        .logs()
+        .into_iter()
+        .find(|l| l.contains(what))
+        .unwrap_or_else(|| panic!("no warning `{what}`: {:?}", g.logs()));
+    assert!(
+        warned.contains("pool=main")
+            && warned.contains(&endpoint)
+            && warned.contains("request_id="),
+        "{warned}"
+    );
+}
+
 #[tokio::test]
 async fn script_content_length_frames_the_response() {
     let g = gate(&shared_fpm().endpoint(), "", "");
@@ -526,16 +542,7 @@ async fn script_content_length_frames_the_response() {
         "the bytes after the declared length must be the next response:\n{raw}"
     );
     // The operator is told, with where it came from.
-    let endpoint = format!("endpoint={}", shared_fpm().endpoint());
-    let warned = g
-        .logs()
-        .into_iter()
-        .find(|l| l.contains("declared Content-Length 2 but sent 5"))
-        .unwrap_or_else(|| panic!("no warning: {:?}", g.logs()));
-    assert!(
-        warned.contains("pool=") && warned.contains(&endpoint) && warned.contains("request_id="),
-        "{warned}"
-    );
+    overrun_reported(&g, "declared Content-Length 2 but sent 5 bytes");
     // Shorter than declared: a truncated response, 502, not a 200 the client waits on.
     let raw = two_on_one_connection(&g, "/length.php?declared=100&body=hello", "/index.php").await;
     assert!(raw.starts_with("HTTP/1.1 502"), "{raw}");
@@ -576,17 +583,8 @@ async fn over_http2_bodies_keep_to_the_scripts_content_length() {
         assert_eq!(r.status(), 304, "{after}");
         assert_eq!(r.bytes().await.unwrap().len(), 0, "{after}");
     }
-    // The streamed one is reported as the whole one is, with where it came from.
-    let endpoint = format!("endpoint={}", shared_fpm().endpoint());
-    let warned = g
-        .logs()
-        .into_iter()
-        .find(|l| l.contains("declared Content-Length 2 but sent 5 bytes or more"))
-        .unwrap_or_else(|| panic!("no warning for the streamed body: {:?}", g.logs()));
-    assert!(
-        warned.contains("pool=main") && warned.contains(&endpoint),
-        "{warned}"
-    );
+    // The streamed one is reported as the whole one is.
+    overrun_reported(&g, "declared Content-Length 2 but sent 5 bytes or more");
     let r = c
         .get(g.url("/length.php?declared=100&body=hello&after_ms=100"))
         .send()
