@@ -304,20 +304,19 @@ impl http_body::Body for FcgiBody {
                 }
                 return Poll::Ready(None);
             }
-            match this.mid_record() {
+            let at_boundary = match this.mid_record() {
                 Mid::Chunk(chunk) => {
                     if let Some(b) = this.fit(chunk) {
                         return Poll::Ready(Some(Ok(Frame::data(b))));
                     }
                     continue;
                 }
-                Mid::Read => {}
-                Mid::Boundary => {}
-            }
+                Mid::Read => false,
+                Mid::Boundary => true,
+            };
             let Some(conn) = this.conn.as_mut() else {
                 return Poll::Ready(None);
             };
-            let at_boundary = this.left == 0 && this.pad == 0;
             match if at_boundary {
                 codec::decode_record(&mut conn.buf)
             } else {
