@@ -27,7 +27,8 @@ const ALERT_TESTS: &str = include_str!("../dashboards/alerts.test.yml");
 const TARGET_LABELS: [&str; 2] = ["instance", "job"];
 const ALERT_NAMES: &str = "FpmgateEndpointDown FpmgatePoolNoCapacity FpmgatePoolSaturated \
     FpmgateQueueTimeouts FpmgateHigh5xxRatio FpmgateUpstreamTimeouts FpmgateConfigReloadFailing \
-    FpmgateFpmMaxChildrenReached FpmgateFpmListenQueue FpmgateCertificateExpiresSoon";
+    FpmgateFpmMaxChildrenReached FpmgateFpmListenQueue FpmgateFpmStatusFailing \
+    FpmgateCertificateExpiresSoon";
 const ROWS: &str = "Traffic Errors Latency Saturation Endpoints PHP-FPM Operations";
 
 struct Family {
