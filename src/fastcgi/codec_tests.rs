@@ -453,3 +453,48 @@ fn partial_stdout_is_split_off_as_it_arrives() {
     bad[0] = 2;
     assert_eq!(split_partial_stdout(&mut bad, 1), None);
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// A STDOUT record cut anywhere: what is split off as it arrives, then the rest taken
+    /// by its remaining lengths, is the record's content; the next record starts after it.
+    #[test]
+    fn prop_partial_stdout_reassembles(
+        content in proptest::collection::vec(any::<u8>(), 1..300),
+        padding in 0u8..20,
+        cut in 0usize..400,
+        min in 0usize..50,
+    ) {
+        let mut wire = BytesMut::new();
+        let len = u16::try_from(content.len()).unwrap();
+        wire.extend_from_slice(&record_header(RecordType::Stdout, 1, len, padding));
+        wire.extend_from_slice(&content);
+        wire.extend_from_slice(&vec![0; usize::from(padding)]);
+        put_end_request(&mut wire, 1, 0, ProtocolStatus::RequestComplete);
+        let cut = cut.min(wire.len());
+        let mut buf = BytesMut::from(&wire[..cut]);
+        let rest = &wire[cut..];
+        if let Some((first, left, pad)) = split_partial_stdout(&mut buf, min) {
+            prop_assert!(first.len() >= min.max(1));
+            prop_assert_eq!(first.len() + left, content.len());
+            buf.extend_from_slice(rest);
+            let mut got = first.to_vec();
+            got.extend_from_slice(&buf.split_to(left));
+            buf.advance(pad);
+            prop_assert_eq!(got, content);
+            let end = decode_record(&mut buf).unwrap().unwrap();
+            prop_assert_eq!(end.kind, RecordType::EndRequest);
+        } else {
+            prop_assert_eq!(buf.len(), cut, "nothing consumed");
+        }
+    }
+
+    #[test]
+    fn prop_partial_stdout_never_panics(data in proptest::collection::vec(any::<u8>(), 0..400), min in 0usize..600) {
+        let mut buf = BytesMut::from(&data[..]);
+        if let Some((first, left, pad)) = split_partial_stdout(&mut buf, min) {
+            prop_assert!(first.len() + left <= MAX_CONTENT_LEN && pad <= 255);
+        }
+    }
+}
