@@ -1,10 +1,10 @@
 //! The FastCGI record codec and the CGI response head parser, on arbitrary input.
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use fpmgate::fastcgi::cgi::{CgiError, CgiHead, HeadParser};
 use fpmgate::fastcgi::codec::{
-    decode_pairs, decode_record, parse_begin_request, parse_end_request, DecodeError, Pair,
-    ParamsWriter, Record, RecordType, HEADER_LEN, MAX_CONTENT_LEN, VERSION_1,
+    decode_pairs, decode_record, parse_begin_request, parse_end_request, split_partial_stdout,
+    DecodeError, Pair, ParamsWriter, Record, RecordType, HEADER_LEN, MAX_CONTENT_LEN, VERSION_1,
 };
 use http::HeaderMap;
 
@@ -26,6 +26,21 @@ pub fn fastcgi_decode(data: &[u8]) {
         "decoding depends on how the stream was cut into reads"
     );
 
+    // A response body read as it streams, records split as they arrive: the same bytes
+    // however the stream was cut, and what whole records give, plus at most the part of
+    // an unfinished STDOUT record at the end.
+    let streamed = stream_stdout(stream, &[stream.len()]);
+    assert_eq!(
+        streamed,
+        stream_stdout(stream, &cuts),
+        "a streamed body depends on how the stream was cut into reads"
+    );
+    let gathered = stdout_until_end(&whole.records);
+    assert!(
+        streamed.starts_with(&gathered) && streamed.len() - gathered.len() <= MAX_CONTENT_LEN,
+        "a streamed body is not the records' STDOUT"
+    );
+
     let mut params = Vec::new();
     for record in &whole.records {
         check_record_bodies(&record.content);
@@ -36,6 +51,64 @@ pub fn fastcgi_decode(data: &[u8]) {
     // The client concatenates a request's PARAMS contents before decoding
     // them, so a pair may straddle records.
     check_pairs(&params);
+}
+
+/// STDOUT of a response as `FcgiBody` reads it: whole records decoded, a STDOUT record
+/// not yet whole split off as it arrives and continued by its remaining lengths, up to
+/// END_REQUEST, a record of another kind, or a decode error.
+fn stream_stdout(stream: &[u8], cuts: &[usize]) -> Vec<u8> {
+    let (mut buf, mut out) = (BytesMut::new(), Vec::new());
+    let (mut left, mut pad, mut fed) = (0usize, 0usize, 0);
+    for &cut in cuts {
+        buf.extend_from_slice(&stream[fed..fed + cut]);
+        fed += cut;
+        loop {
+            if left > 0 {
+                if buf.is_empty() {
+                    break;
+                }
+                let n = left.min(buf.len());
+                out.extend_from_slice(&buf.split_to(n));
+                left -= n;
+                continue;
+            }
+            if pad > 0 {
+                let n = pad.min(buf.len());
+                buf.advance(n);
+                pad -= n;
+                if pad > 0 {
+                    break;
+                }
+                continue;
+            }
+            match decode_record(&mut buf) {
+                Ok(Some(r)) if r.kind == RecordType::Stdout => out.extend_from_slice(&r.content),
+                Ok(Some(r)) if r.kind == RecordType::Stderr => {}
+                Ok(Some(_)) | Err(_) => return out,
+                Ok(None) => match split_partial_stdout(&mut buf, 1) {
+                    Some((content, l, p)) => {
+                        out.extend_from_slice(&content);
+                        (left, pad) = (l, p);
+                    }
+                    None => break,
+                },
+            }
+        }
+    }
+    out
+}
+
+/// The STDOUT contents of whole records, up to END_REQUEST or a record of another kind.
+fn stdout_until_end(records: &[Record]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for r in records {
+        match r.kind {
+            RecordType::Stdout => out.extend_from_slice(&r.content),
+            RecordType::Stderr => {}
+            _ => break,
+        }
+    }
+    out
 }
 
 #[derive(Debug, PartialEq)]
