@@ -317,11 +317,13 @@ impl http_body::Body for FcgiBody {
             let Some(conn) = this.conn.as_mut() else {
                 return Poll::Ready(None);
             };
-            match if at_boundary {
+            // Inside a record there is nothing to decode until more of it is read.
+            let decoded = if at_boundary {
                 codec::decode_record(&mut conn.buf)
             } else {
                 Ok(None)
-            } {
+            };
+            match decoded {
                 Err(e) => return this.fail(format!("malformed FastCGI record: {e}")),
                 Ok(Some(rec)) => match rec.kind {
                     RecordType::Stdout => {
