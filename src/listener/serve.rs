@@ -8,7 +8,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 
 use super::{http1_builder, http2_builder, ClientIo, Serve, Timers, PARK_AFTER};
-use crate::conn_clock::{Clock, Verdict, Watched};
+use crate::conn_clock::{Clock, InFlight, Verdict, Watched};
 use crate::proxy::ConnInfo;
 
 fn service(
@@ -29,19 +29,48 @@ fn service(
     let (proxy, info, clock) = (s.proxy.clone(), info.clone(), clock.clone());
     service_fn(move |req| {
         let in_flight = clock.begin();
-        let (proxy, info) = (proxy.clone(), info.clone());
         // Boxed: the request's future is a few KiB, and hyper moves what it is given (an
         // HTTP/2 stream is spawned as a task with it inside, and tokio moves a task's
         // future by value several times before it first runs). A pointer moves for free.
-        // The handler's future is made inside the box, on its first poll: made out here,
-        // it would be copied in whole.
-        Box::pin(async move {
-            let mut resp = proxy.handle(req, info).await?;
-            resp.body_mut().hold(in_flight);
-            Ok::<_, std::convert::Infallible>(resp)
-        })
+        // The box holds the handler's future itself, not a block that makes it on its first
+        // poll: that block would be the larger one, copied whole into the box and then
+        // copying the handler's future into itself.
+        Held {
+            handle: Box::pin(Arc::clone(&proxy).handle(req, Arc::clone(&info))),
+            in_flight: Some(in_flight),
+        }
     })
 }
+
+/// A request's handler future, and the connection's in-flight mark, which goes with the
+/// response to its body.
+struct Held<F> {
+    handle: std::pin::Pin<Box<F>>,
+    in_flight: Option<InFlight>,
+}
+
+impl<F> std::future::Future for Held<F>
+where
+    F: std::future::Future<Output = HandlerResult>,
+{
+    type Output = HandlerResult;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<HandlerResult> {
+        // Unpin: the handler's future is behind its box.
+        let this = self.get_mut();
+        let mut resp = std::task::ready!(this.handle.as_mut().poll(cx))?;
+        if let Some(in_flight) = this.in_flight.take() {
+            resp.body_mut().hold(in_flight);
+        }
+        std::task::Poll::Ready(Ok(resp))
+    }
+}
+
+type HandlerResult =
+    Result<hyper::Response<crate::respbody::ResponseBody>, std::convert::Infallible>;
 
 /// Runs hyper's HTTP/1 server on the connection until it ends (`None`) or has been idle
 /// for [`PARK_AFTER`] (the IO back, with any bytes the server had read ahead).
